@@ -1,0 +1,32 @@
+"""Datasets: image sets, benchmarks (ID splits + near/far OOD sets) and their registry.
+
+Importing this package registers the built-in benchmarks: ``mnist-open`` (embedded, the default),
+``imagefolder``, ``cifar10`` and ``cifar100`` (local files, no download).
+"""
+
+from oodforge.data import folders, mnist_open  # noqa: F401  (registers the benchmarks)
+from oodforge.data.base import (
+    BENCHMARKS,
+    ArrayImageSet,
+    Benchmark,
+    DataConfig,
+    FileImageSet,
+    ImageSet,
+    OODDirConfig,
+    OODSet,
+    load_benchmark,
+    stratified_split,
+)
+
+__all__ = [
+    "BENCHMARKS",
+    "ArrayImageSet",
+    "Benchmark",
+    "DataConfig",
+    "FileImageSet",
+    "ImageSet",
+    "OODDirConfig",
+    "OODSet",
+    "load_benchmark",
+    "stratified_split",
+]

@@ -1,0 +1,307 @@
+"""The detector artifact: a trained classifier + an OOD score + a calibrated threshold, on disk.
+
+Directory format (DESIGN.md §4)::
+
+    detector/
+      model.safetensors   classifier weights ("model.*") and the score's fitted statistics ("score.*")
+      detector.json       backbone config, preprocessing, class names, score name + params, threshold and
+                          how it was calibrated, metrics at export, library versions, weights checksum
+
+Loading never unpickles anything: weights come from safetensors, the rest from JSON.
+
+Example:
+    >>> detector = Detector.load("runs/ce/detector")
+    >>> out = detector.predict([PIL.Image.open("digit.png")])
+    >>> out.is_ood, out.scores, out.labels
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from oodforge.backbones import Classifier, classifier_from_config, config_to_dict
+from oodforge.config import StrictModel
+from oodforge.data.transforms import Preprocess
+from oodforge.scores import Score, build_score
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "detector.json"
+
+
+class ArtifactError(RuntimeError):
+    """A detector directory is missing, incomplete, tampered with or of an unknown format."""
+
+
+class ScoreSpec(StrictModel):
+    name: str
+    params: dict[str, Any] = {}
+
+
+class ThresholdSpec(StrictModel):
+    """``is_ood = score < value``; ``value`` accepts ``target_id_tpr`` of the ``split`` ID images."""
+
+    value: float
+    split: str = "val"
+    target_id_tpr: float = 0.95
+    n_samples: int
+    rule: str = (
+        "is_ood = score < threshold; threshold = the largest t with fraction(id_scores >= t) >= target_id_tpr"
+    )
+
+
+class DetectorSpec(StrictModel):
+    """The content of ``detector.json``."""
+
+    format_version: int = FORMAT_VERSION
+    name: str
+    backbone: dict[str, Any]
+    preprocess: Preprocess
+    class_names: list[str]
+    score: ScoreSpec
+    threshold: ThresholdSpec
+    metrics: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    versions: dict[str, str] = {}
+    weights_sha256: str
+    created: str
+
+
+@dataclass
+class Prediction:
+    """Per-image outputs of :meth:`Detector.predict` (numpy arrays of length N)."""
+
+    scores: np.ndarray
+    is_ood: np.ndarray
+    labels: np.ndarray
+    confidences: np.ndarray
+    class_names: list[str]
+
+    def label_names(self) -> list[str]:
+        return [self.class_names[i] for i in self.labels]
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("oodforge", "torch", "transformers", "safetensors", "faiss-cpu", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Detector:
+    """A classifier, an OOD score and a threshold that travel together (pre-processing included)."""
+
+    def __init__(
+        self, model: Classifier, score: Score, spec: DetectorSpec, device: str | torch.device = "cpu"
+    ):
+        self.model = model.eval().to(device)
+        self.score = score
+        self.spec = spec
+        self.device = torch.device(device)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def threshold(self) -> float:
+        return self.spec.threshold.value
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.spec.class_names
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.spec.preprocess
+
+    # ---------------------------------------------------------------- inference
+    def _to_batch(self, images: list[Image.Image] | torch.Tensor) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            if images.ndim == 3:
+                images = images.unsqueeze(0)
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"expected images as a [N, 3, H, W] tensor, got shape {tuple(images.shape)}")
+            return self.preprocess.tensor(images)
+        if isinstance(images, Image.Image):
+            images = [images]
+        if len(images) == 0:
+            raise ValueError("predict() got no images")
+        return torch.stack([self.preprocess(im) for im in images])
+
+    @torch.no_grad()
+    def forward_batch(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and features of already pre-processed pixels."""
+        logits, features = self.model(pixel_values.to(self.device))
+        return logits.float().cpu(), features.float().cpu()
+
+    @torch.no_grad()
+    def predict(self, images: list[Image.Image] | torch.Tensor, batch_size: int = 256) -> Prediction:
+        """Score images: PIL images (any size/mode; converted to RGB) or a uint8 / [0, 1] float tensor.
+
+        Returns:
+            :class:`Prediction` with ``scores`` (higher = more in-distribution), ``is_ood``
+            (``score < threshold``), predicted ``labels`` and their softmax ``confidences``.
+        """
+        pixels = self._to_batch(images)
+        logits, features = [], []
+        for start in range(0, len(pixels), batch_size):
+            lo, fe = self.forward_batch(pixels[start : start + batch_size])
+            logits.append(lo)
+            features.append(fe)
+        return self.predict_from_outputs(torch.cat(logits), torch.cat(features))
+
+    def predict_from_outputs(self, logits: torch.Tensor, features: torch.Tensor) -> Prediction:
+        scores = self.score(logits, features).numpy().astype(np.float64)
+        probs = logits.softmax(dim=1)
+        conf, labels = probs.max(dim=1)
+        return Prediction(
+            scores=scores,
+            is_ood=scores < self.threshold,
+            labels=labels.numpy(),
+            confidences=conf.numpy().astype(np.float64),
+            class_names=self.class_names,
+        )
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Write the artifact atomically (temp dir + rename); an existing directory is replaced."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            tensors = {
+                f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
+            }
+            tensors.update(
+                {f"score.{k}": v.detach().cpu().contiguous() for k, v in self.score.state_dict().items()}
+            )
+            save_file(
+                tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "oodforge": str(FORMAT_VERSION)}
+            )
+            self.spec = self.spec.model_copy(update={"weights_sha256": _sha256(tmp / WEIGHTS_FILE)})
+            (tmp / SPEC_FILE).write_text(self.spec.model_dump_json(indent=2))
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Detector:
+        """Load an artifact directory; raises :class:`ArtifactError` saying what is wrong and what to do."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ArtifactError(f"detector directory {path} does not exist (train one: make demo)")
+        spec = _read_spec(path)
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise ArtifactError(f"{weights} is missing; the artifact is incomplete, re-export the detector")
+        if verify and _sha256(weights) != spec.weights_sha256:
+            raise ArtifactError(
+                f"{weights} does not match the checksum in {SPEC_FILE}: the file was modified or corrupted; "
+                "re-export the detector (or pass verify=False if you changed it on purpose)"
+            )
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError) as err:
+            raise ArtifactError(
+                f"{weights} is not a readable safetensors file ({err}); re-export it"
+            ) from None
+        model = classifier_from_config(spec.backbone)
+        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            model.load_state_dict(model_state, strict=True)
+        except RuntimeError as err:
+            raise ArtifactError(f"{weights} does not fit the backbone in {SPEC_FILE}: {err}") from None
+        try:
+            score = build_score(spec.score.name, **spec.score.params)
+            score.load_state_dict(
+                {k[len("score.") :]: v for k, v in tensors.items() if k.startswith("score.")}
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ArtifactError(f"score {spec.score.name!r} in {path} cannot be restored: {err}") from None
+        return cls(model, score, spec, device=device)
+
+
+def _read_spec(path: Path) -> DetectorSpec:
+    spec_file = path / SPEC_FILE
+    if not spec_file.is_file():
+        raise ArtifactError(f"{spec_file} is missing; {path} is not a detector artifact")
+    try:
+        data = json.loads(spec_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{spec_file} is not valid JSON ({err}); re-export the detector") from None
+    if isinstance(data, dict) and data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{spec_file} has format_version {data['format_version']}; upgrade oodforge to load it"
+        )
+    try:
+        return DetectorSpec.model_validate(data)
+    except ValidationError as err:
+        keys = ", ".join(".".join(map(str, e["loc"])) for e in err.errors())
+        raise ArtifactError(
+            f"{spec_file} is malformed (problem with: {keys}); re-export the detector"
+        ) from None
+
+
+def build_spec(
+    *,
+    name: str,
+    model: Classifier,
+    preprocess: Preprocess,
+    class_names: list[str],
+    score: Score,
+    threshold: ThresholdSpec,
+    metrics: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> DetectorSpec:
+    """Assemble ``detector.json`` content; the checksum is filled in by :meth:`Detector.save`."""
+    return DetectorSpec(
+        name=name,
+        backbone=config_to_dict(model.hf_config),
+        preprocess=preprocess,
+        class_names=class_names,
+        score=ScoreSpec(name=score.name, params=score.params()),
+        threshold=threshold,
+        metrics=metrics or {},
+        training=training or {},
+        versions=library_versions(),
+        weights_sha256="",
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
