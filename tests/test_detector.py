@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from oodforge.data.transforms import Preprocess
 from PIL import Image
 
 from oodforge.backbones import BackboneConfig, build_classifier
+from oodforge.data.transforms import Preprocess
 from oodforge.detector import ArtifactError, Detector, ThresholdSpec, build_spec
 from oodforge.scores import build_score
 

@@ -39,23 +39,72 @@ def run_main(tmp_path: Path, *extra: str, resume: bool = False) -> int:
     return main(args + (["--resume"] if resume else []))
 
 
-def test_ce_run_writes_report_and_detector(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_main(tmp_path, "name=ce", "train.epochs=1", "eval.plots=true") == 0
-    run = tmp_path / "runs" / "ce"
-    report = json.loads((run / "report.json").read_text())
+@pytest.fixture(scope="module")
+def ce_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real (1-epoch, tiny) CE run shared by the tests that only read its outputs."""
+    tmp = tmp_path_factory.mktemp("ce")
+    assert run_main(tmp, "name=ce", "train.epochs=1", "eval.plots=true") == 0
+    return tmp / "runs" / "ce"
+
+
+def test_ce_run_writes_report_and_detector(ce_run: Path) -> None:
+    report = json.loads((ce_run / "report.json").read_text())
     sets = {"digits-6-9", "faces", "textures", "photos", "noise"}
     assert set(report["ood"]) == sets and report["score"] == "msp"
     assert set(report["scores"]) == {"msp", "max_logit", "energy", "entropy", "knn", "mahalanobis"}
     assert report["ood"]["digits-6-9"]["kind"] == "near" and report["far"] and report["near"]
     assert 0.5 < report["id_accuracy"] <= 1.0  # one epoch of a tiny net already learns digits
-    md = (run / "report.md").read_text()
+    md = (ce_run / "report.md").read_text()
     for name in [*sets, "mahalanobis", "knn", "FPR@95"]:
         assert name in md
-    assert (run / "plots" / "roc_energy.png").stat().st_size > 1000
-    assert "val/accuracy" in (run / "logs" / "metrics.csv").read_text()
-    detector = Detector.load(run / "detector")
+    assert (ce_run / "plots" / "roc_energy.png").stat().st_size > 1000
+    assert (ce_run / "plots" / "hist_knn.png").stat().st_size > 1000
+    assert "val/accuracy" in (ce_run / "logs" / "metrics.csv").read_text()
+    detector = Detector.load(ce_run / "detector")
     assert detector.spec.score.name == "energy" and detector.spec.threshold.split == "val"
-    assert "report:" in capsys.readouterr().out
+
+
+def test_exported_detector_scores_like_training(ce_run: Path) -> None:
+    """The artifact reproduces the training-time evaluation and its threshold accepts 95% of ID val."""
+    from oodforge.data import DataConfig, load_benchmark
+    from oodforge.metrics import auroc
+
+    detector = Detector.load(ce_run / "detector")
+    bench = load_benchmark(DataConfig())
+    val = detector.predict([bench.val[i][0] for i in range(len(bench.val))])
+    assert (~val.is_ood).mean() >= 0.95 and (~val.is_ood).mean() < 0.96
+    test = detector.predict([bench.test[i][0] for i in range(len(bench.test))])
+    near = bench.ood["digits-6-9"].images
+    ood = detector.predict([near[i][0] for i in range(len(near))])
+    report = json.loads((ce_run / "report.json").read_text())
+    expected = report["scores"]["energy"]["ood"]["digits-6-9"]["auroc"]
+    assert auroc(test.scores, ood.scores) == pytest.approx(expected, abs=1e-9)
+    assert (test.labels == bench.test.labels).mean() == pytest.approx(report["id_accuracy"], abs=1e-9)
+
+
+def test_evaluate_cli_writes_documented_json(ce_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "trainer.evaluate", "--detector", str(ce_run / "detector"),
+           "--benchmark", "mnist-open", "--out", str(out), "--scores", "energy,msp,knn"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["score"] == "energy" and set(result["scores"]) == {"energy", "msp", "knn"}
+    assert set(result) >= {"id_accuracy", "score", "ood", "near", "far"}
+    for metrics in result["ood"].values():
+        assert set(metrics) == {"auroc", "fpr95", "aupr_in", "aupr_out", "kind"}
+    report = json.loads((ce_run / "report.json").read_text())
+    assert result["id_accuracy"] == pytest.approx(report["id_accuracy"])
+    for score in ("energy", "msp", "knn"):  # same data, same model, same fitted statistics
+        for name, metrics in result["scores"][score]["ood"].items():
+            for key in ("auroc", "fpr95"):
+                assert metrics[key] == pytest.approx(report["scores"][score]["ood"][name][key], abs=1e-9)
+
+
+def test_evaluate_cli_reports_bad_input(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "trainer.evaluate", "--detector", str(tmp_path / "missing")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,12 +172,11 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path: Path) -> None:
     assert f"resumed from {ckpts / saved[-1]}" in resumed.stdout + resumed.stderr
     assert sorted(p.name for p in ckpts.iterdir())[-1] == "step_0000064"  # 2 epochs x 32 steps, none repeated
 
-    # the resumed run ends with exactly the weights of an uninterrupted run with the same seed
-    assert run_main(tmp_path, "name=straight", *extra[1:]) == 0
-    killed, straight = (
-        final_weights(tmp_path / "runs" / "killed"),
-        final_weights(tmp_path / "runs" / "straight"),
-    )
+    # the resumed run ends with exactly the weights of an uninterrupted run launched the same way
+    straight_cmd = [c.replace("name=killed", "name=straight") for c in cmd]
+    assert subprocess.run(straight_cmd, capture_output=True, timeout=300).returncode == 0
+    killed = final_weights(tmp_path / "runs" / "killed")
+    straight = final_weights(tmp_path / "runs" / "straight")
     assert killed.keys() == straight.keys()
     for key in killed:
         torch.testing.assert_close(killed[key], straight[key], rtol=0, atol=1e-6, msg=key)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from oodforge.data.transforms import Preprocess
 from pydantic import Field, model_validator
 
 from oodforge.backbones import BackboneConfig
 from oodforge.config import StrictModel
 from oodforge.data import DataConfig
+from oodforge.data.transforms import Preprocess
 
 ALL_SCORES = ["msp", "max_logit", "energy", "entropy", "knn", "mahalanobis"]
 

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from oodforge.data.transforms import Preprocess, TransformedSet
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from oodforge.backbones import Classifier
 from oodforge.data import Benchmark, DataConfig, ImageSet, load_benchmark
+from oodforge.data.transforms import Preprocess, TransformedSet
 from oodforge.metrics import FPR95_DEFINITION, accuracy, summarize
 from oodforge.scores import SCORES, Score, build_score
 

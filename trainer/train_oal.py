@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from oodforge.data.transforms import TransformedSet
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from oodforge.backbones import Classifier, build_classifier
 from oodforge.config import ConfigError, add_config_args, load_config
 from oodforge.data import load_benchmark
+from oodforge.data.transforms import TransformedSet
 from oodforge.detector import Detector, ThresholdSpec, build_spec
 from oodforge.metrics import threshold_at_tpr
 from trainer.config import TrainConfig
@@ -117,6 +117,12 @@ def make_trackers(cfg: TrainConfig, log_dir: Path) -> list[Any]:
         if name == "csv":
             trackers.append(CSVTracker(cfg.name, log_dir))
         else:
+            from accelerate.utils import is_tensorboard_available
+
+            if not is_tensorboard_available():
+                raise ConfigError(
+                    "train.log_with has 'tensorboard' but it is not installed: pip install tensorboard"
+                )
             trackers.append(name)
     return trackers
 

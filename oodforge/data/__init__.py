@@ -1,4 +1,4 @@
-"""Datasets: image sets, benchmarks (ID splits + near/far OOD sets) and their registry.
+"""Datasets: image sets, benchmarks (ID splits + near/far OOD sets), their registry and transforms.
 
 Importing this package registers the built-in benchmarks: ``mnist-open`` (embedded, the default),
 ``imagefolder``, ``cifar10`` and ``cifar100`` (local files, no download).
@@ -17,6 +17,7 @@ from oodforge.data.base import (
     load_benchmark,
     stratified_split,
 )
+from oodforge.data.transforms import Preprocess, TransformedSet, augment
 
 __all__ = [
     "BENCHMARKS",
@@ -27,6 +28,9 @@ __all__ = [
     "ImageSet",
     "OODDirConfig",
     "OODSet",
+    "Preprocess",
+    "TransformedSet",
+    "augment",
     "load_benchmark",
     "stratified_split",
 ]

@@ -1,4 +1,16 @@
-"""Image sets, benchmarks and the ``BENCHMARKS`` registry (a benchmark = ID splits + named OOD sets)."""
+"""Image sets, benchmarks and the ``BENCHMARKS`` registry (a benchmark = ID splits + named OOD sets).
+
+An :class:`ImageSet` yields ``(RGB PIL image, label)`` pairs (label -1 for OOD images); a
+:class:`Benchmark` bundles the ID train/val/test sets with OOD sets marked ``near`` or ``far``.
+``load_benchmark(DataConfig(...))`` builds the benchmark named in the config and adds the extra OOD
+folders it lists.
+
+Example:
+    >>> bench = load_benchmark(DataConfig(benchmark="mnist-open", seed=0))
+    >>> image, label = bench.train[0]
+    >>> bench.near(), bench.far()
+    (['digits-6-9'], ['faces', 'textures', 'photos', 'noise'])
+"""
 
 from __future__ import annotations
 
@@ -19,7 +31,10 @@ Kind = Literal["near", "far"]
 
 
 class ImageSet(torch.utils.data.Dataset):
-    """A sized sequence of ``(RGB PIL image, label)``; label is -1 for OOD images."""
+    """A sized sequence of ``(RGB PIL image, label)`` with ``labels`` as int64 ``[N]`` (-1 = OOD).
+
+    Subclasses set ``name`` and ``labels`` and implement ``__getitem__``.
+    """
 
     name: str
     labels: np.ndarray
@@ -28,45 +43,71 @@ class ImageSet(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement __getitem__")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, n={len(self)})"
+
+
+def _as_labels(name: str, labels: np.ndarray, n: int, what: str) -> np.ndarray:
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 1 or len(labels) != n:
+        raise ValueError(
+            f"image set {name!r}: {n} {what} but labels of shape {labels.shape}; pass one label per image"
+        )
+    return labels
 
 
 class ArrayImageSet(ImageSet):
-    """Images held in memory as a uint8 array ``[N, H, W, 3]``."""
+    """Images held in memory as a uint8 array ``[N, H, W, 3]``.
+
+    Args:
+        name: Name of the set (used in logs and reports).
+        images: uint8 array ``[N, H, W, 3]``.
+        labels: Integer labels ``[N]`` (-1 for OOD).
+    """
 
     def __init__(self, name: str, images: np.ndarray, labels: np.ndarray) -> None:
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"{name}: expected uint8 images [N, H, W, 3], got {images.dtype} {images.shape}")
-        if len(images) != len(labels):
-            raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
+            raise ValueError(
+                f"image set {name!r}: expected uint8 images [N, H, W, 3], got {images.dtype} {images.shape}; "
+                "convert grey images with np.repeat(x[..., None], 3, axis=-1)"
+            )
         self.name = name
         self.images = images
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels = _as_labels(name, labels, len(images), "images")
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.images[i]), int(self.labels[i])
 
 
 class FileImageSet(ImageSet):
-    """Images decoded lazily from files (converted to RGB)."""
+    """Images decoded lazily from files and converted to RGB.
+
+    Args:
+        name: Name of the set.
+        paths: One image file per item.
+        labels: Integer labels ``[N]`` (-1 for OOD).
+    """
 
     def __init__(self, name: str, paths: list[Path], labels: np.ndarray) -> None:
-        if len(paths) != len(labels):
-            raise ValueError(f"{name}: {len(paths)} files but {len(labels)} labels")
         self.name = name
-        self.paths = list(paths)
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.paths = [Path(p) for p in paths]
+        self.labels = _as_labels(name, labels, len(self.paths), "files")
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        path = self.paths[i]
         try:
-            with Image.open(self.paths[i]) as im:
+            with Image.open(path) as im:
                 return im.convert("RGB"), int(self.labels[i])
         except OSError as err:
-            raise OSError(f"cannot read image {self.paths[i]}: {err}; remove or replace the file") from None
+            raise OSError(f"cannot read image {path}: {err}; remove or replace the file") from None
 
 
 @dataclass
 class OODSet:
+    """An OOD image set and whether it is ``near`` (semantic shift only) or ``far`` OOD."""
+
     images: ImageSet
     kind: Kind
 
@@ -83,9 +124,11 @@ class Benchmark:
     ood: dict[str, OODSet] = field(default_factory=dict)
 
     def near(self) -> list[str]:
+        """Names of the near-OOD sets, in insertion order."""
         return [n for n, s in self.ood.items() if s.kind == "near"]
 
     def far(self) -> list[str]:
+        """Names of the far-OOD sets, in insertion order."""
         return [n for n, s in self.ood.items() if s.kind == "far"]
 
 
@@ -97,7 +140,18 @@ class OODDirConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    """Which benchmark to load and how to split it."""
+    """Which benchmark to load and how to split it.
+
+    Attributes:
+        benchmark: A name in ``BENCHMARKS`` (``mnist-open``, ``imagefolder``, ``cifar10``, ``cifar100``).
+        root: Data directory for the benchmarks read from disk.
+        ood: Extra OOD sets, ``name -> {path, kind}``, each a folder of images.
+        seed: Seed of the splits and of the generated OOD sets.
+        val_fraction: Share of ID images used for validation.
+        test_fraction: Share of ID images used for testing (where the benchmark has no fixed test set).
+        image_size: Side of the images of the in-memory benchmarks (mnist-open, cifar); folder images are
+            decoded at their own size and resized by the model's ``Preprocess``.
+    """
 
     benchmark: str = "mnist-open"
     root: Path | None = None
@@ -105,12 +159,15 @@ class DataConfig(StrictModel):
     seed: int = 0
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    image_size: int = Field(32, ge=8)
+    image_size: int = Field(32, ge=8, le=1024)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError("data.val_fraction + data.test_fraction must be below 1 to leave a train split")
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g} "
+                "must be below 1 to leave a train split; lower one of them"
+            )
         return self
 
 
@@ -120,25 +177,76 @@ BENCHMARKS: Registry[Callable[[DataConfig], Benchmark]] = Registry("benchmark")
 def stratified_split(
     labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Deterministic per-class split of indices into train/val/test (each class split in the same shares)."""
+    """Deterministic per-class split of indices into train/val/test.
+
+    Each class is shuffled with ``seed`` and cut at ``round(n_c * val_fraction)`` and
+    ``round(n_c * test_fraction)``, so every class has the same share in every split (within one image).
+
+    Args:
+        labels: Integer labels ``[N]``.
+        val_fraction: Share of each class for validation, ``0 <= x < 1``.
+        test_fraction: Share of each class for testing, ``0 <= x < 1``, with ``val + test < 1``.
+        seed: Seed of the shuffle.
+
+    Returns:
+        Sorted int64 index arrays ``(train, val, test)``; together they are a partition of ``range(N)``.
+
+    Example:
+        >>> stratified_split(np.array([0, 0, 0, 0, 1, 1, 1, 1]), 0.25, 0.25, seed=0)[1].size
+        2
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} must each be in [0, 1) "
+            "with a sum below 1"
+        )
     rng = np.random.default_rng(seed)
-    parts: list[list[np.ndarray]] = [[], [], []]
+    parts: list[list[np.ndarray]] = [[np.zeros(0, np.int64)] for _ in range(3)]
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         n_val, n_test = round(len(idx) * val_fraction), round(len(idx) * test_fraction)
         parts[1].append(idx[:n_val])
         parts[2].append(idx[n_val : n_val + n_test])
         parts[0].append(idx[n_val + n_test :])
-    train, val, test = (np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts)
+    train, val, test = (np.sort(np.concatenate(p)).astype(np.int64) for p in parts)
     return train, val, test
 
 
-def load_benchmark(cfg: DataConfig) -> Benchmark:
-    """Build the benchmark named by ``cfg.benchmark`` and add the OOD folders of ``cfg.ood``."""
-    bench = BENCHMARKS.get(cfg.benchmark)(cfg)
-    if cfg.ood:
-        from oodforge.data.folders import folder_ood_set
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 ``[N, H, W, 3]`` images to ``size`` x ``size`` (bilinear, antialiased); no-op if equal."""
+    if images.shape[1:3] == (size, size):
+        return images
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for k, image in enumerate(images):
+        out[k] = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return out
 
-        for name, spec in cfg.ood.items():
-            bench.ood[name] = OODSet(folder_ood_set(name, spec.path), spec.kind)
+
+def load_benchmark(cfg: DataConfig) -> Benchmark:
+    """Build the benchmark named by ``cfg.benchmark`` and add the OOD folders of ``cfg.ood``.
+
+    Args:
+        cfg: The data section of a config.
+
+    Returns:
+        The benchmark, with ``cfg.ood`` folders added as OOD sets of their configured kind.
+
+    Raises:
+        KeyError: ``cfg.benchmark`` is not registered.
+        ValueError: An extra OOD set reuses the name of one the benchmark already has.
+    """
+    import oodforge.data  # noqa: F401  (registers the built-in benchmarks)
+    from oodforge.data.folders import folder_ood_set
+
+    bench = BENCHMARKS.get(cfg.benchmark)(cfg)
+    for name, spec in cfg.ood.items():
+        if name in bench.ood:
+            raise ValueError(
+                f"data.ood.{name}: benchmark {bench.name!r} already has an OOD set called {name!r}; "
+                "give the folder another name"
+            )
+        bench.ood[name] = OODSet(folder_ood_set(name, spec.path), spec.kind)
     return bench
