@@ -3,21 +3,43 @@
 The registry maps a config name to a function that builds a `transformers` model; the default,
 ``resnet-tiny``, is a small ResNet built from a ``ResNetConfig`` (no download). ``hf`` loads any image
 classification model by Hub id or local path with ``from_pretrained``. Every backbone is then wrapped in
-:class:`Classifier`: the model's final linear layer (the head) is taken out, so one forward pass gives the
-penultimate features ``h`` and the logits ``f = head(h)``.
+:class:`Classifier`: the model's final linear layer is taken out, so one forward pass gives the features
+and the logits. The ``HEADS`` registry says what replaces it:
+
+- ``linear`` (default): the model's own linear layer; features are the penultimate ``h``, ``f = W h + b``.
+- ``cosine``: a text-aligned head (DESIGN.md §5): a projection ``z = P(h)`` to the width D of fixed class
+  anchors T(y) [K, D] and ``f_j = cos(z, T(y_j)) / τ``; the features are the embedding ``z``. The anchors
+  are a buffer, so they travel in the weights file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, ResNetConfig
 
 from oodforge.config import StrictModel
 from oodforge.registry import Registry
+
+
+class HeadConfig(StrictModel):
+    """What turns the backbone's features into logits (a ``HEADS`` registry name and its options).
+
+    Attributes:
+        name: ``linear`` (the model's own classifier layer) or ``cosine`` (projection + cosine to anchors).
+        tau: temperature τ of the ``cosine`` head: ``f_j = cos(z, T(y_j)) / τ``.
+        embed_dim: width D of the ``cosine`` embedding; taken from the anchors when not set (and checked
+            against them when set). Stored in ``detector.json``.
+    """
+
+    name: Literal["linear", "cosine"] = "linear"
+    tau: float = Field(0.1, gt=0)
+    embed_dim: int | None = Field(None, ge=1)
 
 
 class BackboneConfig(StrictModel):
@@ -28,12 +50,14 @@ class BackboneConfig(StrictModel):
         pretrained: Hub id or local directory for ``hf``.
         revision: Hub revision (branch, tag or commit) for ``hf``.
         options: keyword overrides for the `transformers` config (e.g. ``hidden_sizes: [32, 64]``).
+        head: the classification head (:class:`HeadConfig`).
     """
 
     name: str = "resnet-tiny"
     pretrained: str | None = None
     revision: str | None = None
     options: dict[str, Any] = {}
+    head: HeadConfig = HeadConfig()
 
 
 BACKBONES: Registry[Callable[[BackboneConfig, int], nn.Module]] = Registry("backbone")
@@ -86,21 +110,96 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def cosine_logits(z: torch.Tensor, anchors: torch.Tensor, tau: float) -> torch.Tensor:
+    """``f_j = cos(z, T(y_j)) / τ`` for embeddings ``z`` [N, D] and anchors ``T`` [K, D] -> [N, K]."""
+    return F.normalize(z, dim=1) @ F.normalize(anchors, dim=1).T / tau
+
+
+ANCHORS_KEY = "head.anchors"  # where a cosine classifier's anchors live in its state dict
+
+
+class CosineHead(nn.Module):
+    """Logits = cosine similarity to fixed class anchors over a temperature (no trainable parameters)."""
+
+    def __init__(self, anchors: torch.Tensor, tau: float) -> None:
+        super().__init__()
+        self.register_buffer("anchors", anchors.detach().clone().float())
+        self.tau = tau
+
+    @property
+    def in_features(self) -> int:
+        return self.anchors.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.anchors.shape[0]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return cosine_logits(z, self.anchors, self.tau)
+
+
+HeadBuilder = Callable[[nn.Linear, HeadConfig, torch.Tensor | None], tuple[nn.Module, nn.Module, HeadConfig]]
+HEADS: Registry[HeadBuilder] = Registry("head")
+"""Head name -> ``build(fc, cfg, anchors) -> (neck, head, resolved cfg)``, where ``fc`` is the model's own
+classifier layer; the classifier computes ``features = neck(h)`` and ``logits = head(features)``."""
+
+
+@HEADS.register("linear")
+def linear_head(
+    fc: nn.Linear, cfg: HeadConfig, anchors: torch.Tensor | None
+) -> tuple[nn.Module, nn.Module, HeadConfig]:
+    """The backbone's own linear classifier: features = ``h``, logits = ``W h + b``."""
+    if anchors is not None:
+        raise ValueError("the linear head takes no class anchors; use model.head.name=cosine")
+    return nn.Identity(), fc, cfg
+
+
+@HEADS.register("cosine")
+def cosine_head(
+    fc: nn.Linear, cfg: HeadConfig, anchors: torch.Tensor | None
+) -> tuple[nn.Module, nn.Module, HeadConfig]:
+    """Projection ``P: h -> z`` (Linear, feature width -> D) and :class:`CosineHead` on the anchors."""
+    if anchors is None:
+        raise ValueError(
+            "the cosine head needs class anchors T(y) [num_classes, D] (the generator's class-token "
+            "embeddings); train it with method: teacher, which reads them from method_args.generator"
+        )
+    if anchors.ndim != 2 or anchors.shape[0] != fc.out_features:
+        raise ValueError(
+            f"class anchors have shape {tuple(anchors.shape)}; expected [{fc.out_features}, D], one row per class"
+        )
+    dim = anchors.shape[1]
+    if cfg.embed_dim is not None and cfg.embed_dim != dim:
+        raise ValueError(f"model.head.embed_dim is {cfg.embed_dim} but the class anchors are {dim}-wide")
+    neck = nn.Linear(fc.in_features, dim)
+    return neck, CosineHead(anchors, cfg.tau), cfg.model_copy(update={"embed_dim": dim})
+
+
 class Classifier(nn.Module):
-    """A `transformers` image model split into ``body`` (input -> features) and ``head`` (features -> logits).
+    """A `transformers` image model split into ``body`` (input -> h), ``neck`` (h -> features) and ``head``.
+
+    ``forward`` returns ``(logits, features)`` with ``logits = head(features)``. With the default linear
+    head the neck is the identity (features = h) and ``head`` is the model's own ``nn.Linear``.
 
     Example:
         >>> clf = build_classifier(BackboneConfig(), num_classes=6)
         >>> logits, features = clf(torch.randn(2, 3, 32, 32))
     """
 
-    def __init__(self, model: nn.Module, num_classes: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        head: HeadConfig | None = None,
+        anchors: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         head_name = _find_head(model, num_classes)
-        head = model.get_submodule(head_name)
+        fc = model.get_submodule(head_name)
         _set_submodule(model, head_name, nn.Identity())
         self.body = model
-        self.head: nn.Linear = head  # type: ignore[assignment]
+        head = head or HeadConfig()
+        self.neck, self.head, self.head_config = HEADS.get(head.name)(fc, head, anchors)
         self.num_classes = num_classes
 
     @property
@@ -109,21 +208,27 @@ class Classifier(nn.Module):
 
     @property
     def feature_dim(self) -> int:
+        """Width of the features ``forward`` returns (``h`` for the linear head, ``z`` for cosine)."""
         return self.head.in_features
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Penultimate features ``h`` [N, D]."""
-        return self.body(pixel_values=pixel_values).logits.flatten(1)
+        """The features [N, feature_dim] that the head turns into logits."""
+        return self.neck(self.body(pixel_values=pixel_values).logits.flatten(1))
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(logits [N, K], features [N, D])``."""
-        h = self.features(pixel_values)
-        return self.head(h), h
+        """Return ``(logits [N, K], features [N, feature_dim])``."""
+        z = self.features(pixel_values)
+        return self.head(z), z
 
 
-def build_classifier(cfg: BackboneConfig, num_classes: int) -> Classifier:
-    """Build the configured backbone for ``num_classes`` classes and wrap it as a :class:`Classifier`."""
-    return Classifier(BACKBONES.get(cfg.name)(cfg, num_classes), num_classes)
+def build_classifier(
+    cfg: BackboneConfig, num_classes: int, anchors: torch.Tensor | None = None
+) -> Classifier:
+    """Build the configured backbone for ``num_classes`` classes and wrap it as a :class:`Classifier`.
+
+    ``anchors`` (class anchors T(y) [num_classes, D]) are required by, and only by, the cosine head.
+    """
+    return Classifier(BACKBONES.get(cfg.name)(cfg, num_classes), num_classes, cfg.head, anchors)
 
 
 def config_to_dict(config: PretrainedConfig) -> dict[str, Any]:
@@ -131,12 +236,20 @@ def config_to_dict(config: PretrainedConfig) -> dict[str, Any]:
     return config.to_dict()
 
 
-def classifier_from_config(config: dict[str, Any]) -> Classifier:
-    """Rebuild an (untrained) classifier from a stored `transformers` config dict; weights are loaded after."""
+def classifier_from_config(
+    config: dict[str, Any], head: HeadConfig | None = None, anchors: torch.Tensor | None = None
+) -> Classifier:
+    """Rebuild an (untrained) classifier from a stored `transformers` config dict; weights are loaded after.
+
+    Args:
+        config: the backbone's `transformers` config as a dict (``detector.json`` ``backbone``).
+        head: the head config (``detector.json`` ``head``); linear when not given.
+        anchors: the cosine head's class anchors, read from the weights file (``head.anchors``).
+    """
     data = dict(config)
     model_type = data.pop("model_type", None)
     if not model_type:
         raise ValueError("stored backbone config has no 'model_type'; the artifact is not from oodforge")
     hf_config = AutoConfig.for_model(model_type, **data)
     model = AutoModelForImageClassification.from_config(hf_config)
-    return Classifier(model, hf_config.num_labels)
+    return Classifier(model, hf_config.num_labels, head, anchors)

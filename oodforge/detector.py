@@ -4,8 +4,9 @@ Directory format (DESIGN.md §4)::
 
     detector/
       model.safetensors   classifier weights ("model.*") and the score's fitted statistics ("score.*")
-      detector.json       backbone config, preprocessing, class names, score name + params, threshold and
-                          how it was calibrated, metrics at export, library versions, weights checksum
+      detector.json       backbone config, head config, preprocessing, class names, score name + params,
+                          threshold and how it was calibrated, metrics at export, library versions,
+                          weights checksum
 
 Loading never unpickles anything: weights come from safetensors, the rest from JSON.
 
@@ -36,7 +37,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from oodforge.backbones import Classifier, classifier_from_config, config_to_dict
+from oodforge.backbones import ANCHORS_KEY, Classifier, HeadConfig, classifier_from_config, config_to_dict
 from oodforge.config import StrictModel
 from oodforge.data.transforms import Preprocess
 from oodforge.scores import Score, build_score
@@ -73,6 +74,7 @@ class DetectorSpec(StrictModel):
     format_version: int = FORMAT_VERSION
     name: str
     backbone: dict[str, Any]
+    head: HeadConfig = HeadConfig()  # artifacts written before heads were configurable are linear
     preprocess: Preprocess
     class_names: list[str]
     score: ScoreSpec
@@ -243,8 +245,12 @@ class Detector:
             raise ArtifactError(
                 f"{weights} is not a readable safetensors file ({err}); re-export it"
             ) from None
-        model = classifier_from_config(spec.backbone)
         model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            # a cosine head's class anchors are part of its weights
+            model = classifier_from_config(spec.backbone, spec.head, anchors=model_state.get(ANCHORS_KEY))
+        except ValueError as err:
+            raise ArtifactError(f"the model in {path} cannot be rebuilt: {err}") from None
         try:
             model.load_state_dict(model_state, strict=True)
         except RuntimeError as err:
@@ -295,6 +301,7 @@ def build_spec(
     return DetectorSpec(
         name=name,
         backbone=config_to_dict(model.hf_config),
+        head=model.head_config,
         preprocess=preprocess,
         class_names=class_names,
         score=ScoreSpec(name=score.name, params=score.params()),

@@ -103,6 +103,17 @@ def test_missing_and_broken_files(detector: Detector, tmp_path: Path) -> None:
         Detector.load(path)
 
 
+def test_artifact_without_head_config_loads_as_linear(detector: Detector, tmp_path: Path) -> None:
+    """detector.json written before heads were configurable has no ``head``: it is the linear head."""
+    path = detector.save(tmp_path / "det")
+    spec = json.loads((path / "detector.json").read_text())
+    assert spec.pop("head") == {"name": "linear", "tau": 0.1, "embed_dim": None}
+    (path / "detector.json").write_text(json.dumps(spec))
+    loaded = Detector.load(path)
+    assert loaded.spec.head.name == "linear"
+    np.testing.assert_array_equal(loaded.predict(images()).scores, detector.predict(images()).scores)
+
+
 def test_save_replaces_atomically(detector: Detector, tmp_path: Path) -> None:
     path = detector.save(tmp_path / "det")
     detector.save(path)

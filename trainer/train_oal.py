@@ -2,11 +2,12 @@
 
     accelerate launch trainer/train_oal.py --config configs/train/ce.yaml [--set train.epochs=5] [--resume]
 
-The method (``ce`` today; OAL and the classic alternatives plug into ``trainer.methods``) is chosen
-by ``method:`` in the config. Runs unchanged on CPU, one GPU or several (``accelerate launch
---multi_gpu``). Everything lands in ``runs/<name>/``: ``checkpoints/`` (``accelerator.save_state``,
-every ``train.checkpoint_every_steps`` steps and at each epoch end), ``logs/metrics.csv``,
-``report.json``, ``report.md``, ``plots/`` and ``detector/``.
+The method (``ce``, the text-aligned ``teacher``; OAL and the classic alternatives plug into
+``trainer.methods``) is chosen by ``method:`` in the config; it also builds the model it trains. Runs
+unchanged on CPU, one GPU or several (``accelerate launch --multi_gpu``). Everything lands in
+``runs/<name>/``: ``checkpoints/`` (``accelerator.save_state``, every ``train.checkpoint_every_steps``
+steps and at each epoch end), ``logs/metrics.csv``, ``report.json``, ``report.md``, ``plots/`` and
+``detector/``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from oodforge.backbones import Classifier, build_classifier
+from oodforge.backbones import Classifier
 from oodforge.config import ConfigError, add_config_args, load_config
 from oodforge.data import load_benchmark
 from oodforge.data.transforms import TransformedSet
@@ -142,6 +143,9 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train, evaluate and export; returns the run directory."""
+    method_cls = METHODS.get(cfg.method)
+    method_args = method_cls.Config(**cfg.method_args)
+    method_cls.check(method_args, cfg)  # missing inputs fail here, before the run directory is touched
     run_dir = prepare_run_dir(cfg, resume, overwrite)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
@@ -156,9 +160,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
 
     bench = load_benchmark(cfg.data)
     num_classes = len(bench.class_names)
-    model = build_classifier(cfg.model, num_classes)
-    method_cls = METHODS.get(cfg.method)
-    method: Method = method_cls(MethodContext(method_cls.Config(**cfg.method_args), num_classes, cfg))
+    model = method_cls.build_model(method_args, cfg, bench.class_names)
+    method: Method = method_cls(MethodContext(method_args, num_classes, cfg))
 
     train_set = TransformedSet(
         bench.train, cfg.preprocess, augment=cfg.train.augment, seed=cfg.seed, hflip=cfg.train.hflip
@@ -317,6 +320,7 @@ def finish(
         },
         training={
             "method": cfg.method,
+            "method_args": cfg.model_dump(mode="json")["method_args"],
             "data_seed": cfg.data.seed,
             "seed": cfg.seed,
             "epochs": cfg.train.epochs,

@@ -1,0 +1,261 @@
+"""``python -m synth generate``: synthesise an outlier dataset (DESIGN.md §2, §5).
+
+1. embed the ID train split with the text-aligned teacher (corrupt images are skipped, counted, named);
+2. per class, kNN boundary sampling on the normalised embeddings, ID-near filtering, rescaling to
+   ‖T(y)‖ -> the ``knn`` pool;
+3. SD decoding of those vectors by token substitution -> the ``sd`` latent pool and decoded images;
+4. the teacher embeds the images; the ID-near filter keeps the pixel outliers.
+
+Resumable (ids and seeds are a function of the candidate index; done ids are skipped) and shardable:
+under ``accelerate launch`` each process takes every ``num_processes``-th candidate and the main
+process merges the shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from oodforge.config import StrictModel
+from oodforge.data import DataConfig, ImageSet, load_benchmark
+from oodforge.detector import Detector, library_versions
+from oodforge.outliers import OutlierWriter, merge_shards
+from synth.filter import filter_near, id_threshold
+from synth.generator import Generator, GeneratorConfig
+from synth.sampler import SamplerParams, boundary_sample, rescale
+
+log = logging.getLogger("synth.generate")
+
+
+class FilterConfig(StrictModel):
+    k: int = Field(50, ge=1)
+    quantile: float = Field(0.95, gt=0, lt=1)
+
+
+class CountsConfig(StrictModel):
+    knn_per_class: int = Field(
+        200, ge=1, description="boundary samples drawn per class (knn pool candidates)"
+    )
+    pixel: int = Field(1000, ge=0, description="kept pixel outliers wanted (sd latents: one per candidate)")
+    batch_size: int = Field(32, ge=1)
+    max_candidates_factor: float = Field(4.0, ge=1, description="give up after pixel x factor candidates")
+
+
+class SynthConfig(StrictModel):
+    """``configs/synth/*.yaml`` for ``generate``."""
+
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    teacher: Path = Path("runs/teacher/detector")
+    generator: GeneratorConfig = GeneratorConfig()
+    sampler: SamplerParams = SamplerParams()
+    filter: FilterConfig = FilterConfig()
+    counts: CountsConfig = CountsConfig()
+    ivf_above: int = 200_000
+
+
+@torch.no_grad()
+def embed_images(teacher: Detector, images: ImageSet, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher embeddings of an image set; unreadable images are skipped, counted and named in the log."""
+    feats, labels, bad = [], [], []
+    batch, batch_labels = [], []
+
+    def flush() -> None:
+        if batch:
+            _, f = teacher.forward_batch(torch.stack(batch))
+            feats.append(f.numpy())
+            labels.extend(batch_labels)
+            batch.clear()
+            batch_labels.clear()
+
+    for i in tqdm(range(len(images)), desc="embed ID train", disable=None):
+        try:
+            image, label = images[i]
+            batch.append(teacher.preprocess(image))
+            batch_labels.append(label)
+        except OSError as err:
+            bad.append(str(err))
+            continue
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    if bad:
+        log.warning("skipped %d unreadable ID image(s): %s", len(bad), "; ".join(bad[:5]))
+    if not feats:
+        raise ValueError(f"no readable images in {images.name}")
+    return np.concatenate(feats).astype(np.float32), np.asarray(labels, dtype=np.int64)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_pool(
+    cfg: SynthConfig,
+    writer: OutlierWriter,
+    z: np.ndarray,
+    y: np.ndarray,
+    bank: np.ndarray,
+    tau: float,
+    anchors: torch.Tensor,
+) -> dict[int, torch.Tensor]:
+    """Boundary-sample every class, filter, write the ``knn`` pool; returns kept vectors per class."""
+    kept: dict[int, torch.Tensor] = {}
+    done = writer.done_ids()
+    for c in range(len(anchors)):
+        rng = np.random.default_rng([cfg.seed, c])
+        out = boundary_sample(_normalise(z[y == c]), cfg.counts.knn_per_class, cfg.sampler, rng)
+        verdict = filter_near(out.samples, bank, cfg.filter.k, tau)
+        vectors = torch.from_numpy(rescale(out.samples, float(anchors[c].norm())))
+        ids = [f"knn-{c:03d}-{i:05d}" for i in range(len(vectors))]
+        records = [
+            {"id": ids[i], "kept": bool(verdict.keep[i]), "reason": verdict.reason[i], "source_class": c,
+             "seed": cfg.seed, "sampler": out.params.model_dump(), "knn_distance": float(verdict.distance[i]),
+             "boundary_distance": float(out.boundary_distance[i])}
+            for i in range(len(ids))
+        ]  # fmt: skip
+        keep = torch.from_numpy(verdict.keep)
+        kept[c] = vectors[keep]
+        if not all(i in done for i in ids):
+            writer.add_latents(
+                "knn", [i for i, k in zip(ids, verdict.keep, strict=True) if k], vectors[keep], records
+            )
+        if len(kept[c]) == 0:
+            raise ValueError(
+                f"class {c}: every boundary sample was rejected as ID-near; lower filter.quantile or raise sampler.sigma"
+            )
+    return kept
+
+
+def pixel_pools(
+    cfg: SynthConfig, writer: OutlierWriter, generator: Generator, teacher: Detector, bank: np.ndarray,
+    tau: float, vectors: dict[int, torch.Tensor], rank: int, world: int,
+) -> None:  # fmt: skip
+    """Decode outlier vectors with SD: ``sd`` latents for every candidate, filtered images as pixel outliers."""
+    n_classes = len(vectors)
+    target = cfg.counts.pixel // world + (1 if rank < cfg.counts.pixel % world else 0)
+    done = writer.done_ids()
+    mine = [r for r in _records(writer) if r["pool"] == "pixel" and r["kept"]]
+    kept = len(mine)
+    limit = math.ceil(target * cfg.counts.max_candidates_factor)
+    bar = tqdm(total=target, initial=min(kept, target), desc=f"pixel outliers [{rank}]", disable=None)
+    rejected = 0
+    j = rank
+    while kept < target and j // world < limit:
+        batch = []
+        while len(batch) < min(cfg.counts.batch_size, target - kept) and j // world < limit:
+            if f"px-{j:07d}" not in done:
+                batch.append(j)
+            j += world
+        if not batch:
+            break
+        classes = [b % n_classes for b in batch]
+        vecs = torch.stack(
+            [vectors[c][(b // n_classes) % len(vectors[c])] for b, c in zip(batch, classes, strict=True)]
+        )
+        seeds = [cfg.seed * 1_000_003 + b for b in batch]
+        latents, images = generator.sample(classes, seeds, vecs)
+        _, feats = teacher.forward_batch(torch.stack([teacher.preprocess(im) for im in images]))
+        verdict = filter_near(feats.numpy(), bank, cfg.filter.k, tau)
+        sd_records = [
+            {"id": f"sd-{b:07d}", "kept": True, "reason": "kept", "source_class": c, "seed": s}
+            for b, c, s in zip(batch, classes, seeds, strict=True)
+        ]
+        writer.add_latents("sd", [r["id"] for r in sd_records], latents, sd_records)
+        for i, (b, c, s) in enumerate(zip(batch, classes, seeds, strict=True)):
+            ok = bool(verdict.keep[i])
+            record = {"id": f"px-{b:07d}", "kept": ok, "reason": verdict.reason[i], "source_class": c, "seed": s,
+                      "knn_distance": float(verdict.distance[i]), "sd_id": f"sd-{b:07d}"}  # fmt: skip
+            writer.add_image(record, images[i] if ok else None)
+            kept += ok
+            rejected += not ok
+        bar.update(int(verdict.keep.sum()))
+        bar.set_postfix(kept=kept, rejected=rejected)
+    bar.close()
+    if kept < target:
+        log.warning(
+            "process %d kept only %d of %d pixel outliers after %d candidates", rank, kept, target, j // world
+        )
+
+
+def _records(writer: OutlierWriter) -> list[dict]:
+    from oodforge.outliers import _read_jsonl
+
+    journal = writer.root / "parts" / f"metadata-{writer.shard}.jsonl"
+    return _read_jsonl(journal) if journal.exists() else []
+
+
+def generate(cfg: SynthConfig, out: Path) -> dict:
+    """Run the whole synthesis into ``out``; returns the card (main process) or {} (others)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    started = time.perf_counter()
+    if not (cfg.teacher / "detector.json").is_file():
+        raise FileNotFoundError(
+            f"teacher detector {cfg.teacher} does not exist; train it with "
+            "`accelerate launch trainer/train_oal.py --config configs/train/teacher.yaml`"
+        )
+    teacher = Detector.load(cfg.teacher, device=str(state.device))
+    bench = load_benchmark(cfg.data)
+    if teacher.class_names != bench.class_names:
+        raise ValueError(f"teacher classes {teacher.class_names} differ from the data's {bench.class_names}")
+    generator = Generator.load(cfg.generator, bench.class_names)
+    anchors = generator.anchors()
+    z, y = embed_images(teacher, bench.train)
+    if z.shape[1] != anchors.shape[1]:
+        raise ValueError(
+            f"teacher embeddings are {z.shape[1]}-d but the generator's tokens are {anchors.shape[1]}-d; "
+            f"train the teacher against this generator ({cfg.generator.pretrained})"
+        )
+    bank = _normalise(z)
+    tau = id_threshold(bank, cfg.filter.k, cfg.filter.quantile)
+    writer = OutlierWriter(out, shard=str(rank))
+    vectors = knn_pool(cfg, writer, z, y, bank, tau, anchors) if rank == 0 else None
+    if world > 1:  # every process decodes the same kept vectors: recompute them without writing
+        vectors = vectors or knn_pool(cfg, _NullWriter(), z, y, bank, tau, anchors)
+    pixel_pools(cfg, writer, generator, teacher, bank, tau, vectors, rank, world)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+    if world > 1:
+        merge_shards(out, [str(r) for r in range(world)])
+    card = {
+        "generator": {"pretrained": cfg.generator.pretrained, "revision": cfg.generator.revision,
+                      "steps": cfg.generator.steps, "guidance_scale": cfg.generator.guidance_scale},
+        "teacher": str(cfg.teacher),
+        "id_reference": {"benchmark": cfg.data.benchmark, "split": "train", "n": int(len(z))},
+        "filter": {"k": cfg.filter.k, "quantile": cfg.filter.quantile, "threshold": tau},
+        "config": cfg.model_dump(mode="json"),
+        "processes": world,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "versions": library_versions(),
+    }  # fmt: skip
+    return OutlierWriter(out, shard=str(rank)).finalize(card)
+
+
+class _NullWriter:
+    """Stands in for a writer when a non-main process only needs the kept knn vectors."""
+
+    def done_ids(self) -> set[str]:
+        return set()
+
+    def add_latents(self, *args, **kwargs) -> int:
+        return 0
+
+
+def main_generate(cfg: SynthConfig, out: Path) -> int:
+    card = generate(cfg, out)
+    if card:
+        counts = card.get("counts", {})
+        print(f"outlier dataset: {out}  counts: {counts}  ({card['wall_seconds']:.0f} s)")
+        print(f"preview: {out / 'preview.png'}")
+    return 0

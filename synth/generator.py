@@ -1,0 +1,179 @@
+"""Load any diffusers Stable Diffusion pipeline and decode outlier embeddings by token substitution.
+
+The same code path serves a Hub id (``runwayml/stable-diffusion-v1-5``), a local checkpoint and the
+embedded generator that ``fit-generator`` saves: ``StableDiffusionPipeline.from_pretrained``, then one
+placeholder token per ID class (``oodforge.tokens``). To decode an outlier vector v for class y, the
+placeholder's embedding row is set to v for the text-encoder call and restored afterwards (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from oodforge.config import StrictModel
+from oodforge.tokens import add_placeholder_tokens, placeholder_token
+
+CARD_FILE = "oodforge_generator.json"
+PROMPT = "a high-quality image of the {token}"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class GeneratorConfig(StrictModel):
+    """Which pipeline to load and how to sample it."""
+
+    pretrained: str = "generators/tiny-mnist-open"
+    revision: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "auto"
+    steps: int = 25
+    guidance_scale: float = 3.0
+    height: int | None = None
+    width: int | None = None
+    scheduler: Literal["dpm", "ddim", "pipeline"] = "dpm"
+    prompt: str = PROMPT
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id (``owner/name``): absolute, relative with ./, or not of two parts."""
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Generator:
+    """A loaded Stable Diffusion pipeline with one placeholder token per ID class."""
+
+    def __init__(self, pipe, cfg: GeneratorConfig, class_names: list[str]) -> None:
+        self.pipe = pipe
+        self.cfg = cfg
+        self.class_names = class_names
+        self.token_ids = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, class_names)
+        self.device = pipe.device
+        vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.height = cfg.height or pipe.unet.config.sample_size * vae_factor
+        self.width = cfg.width or pipe.unet.config.sample_size * vae_factor
+
+    @classmethod
+    def load(cls, cfg: GeneratorConfig, class_names: list[str]) -> Generator:
+        """``from_pretrained`` on ``cfg.pretrained`` (Hub id or directory); errors say what to run."""
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+        name = cfg.pretrained
+        missing = (
+            f"generator {name} is neither a local directory nor a reachable Hub model; create the embedded "
+            "one with `python -m synth fit-generator --config configs/synth/tiny_mnist_open.yaml --out "
+            f"{name}` or set generator.pretrained to a diffusers Stable Diffusion checkpoint"
+        )
+        if _looks_local(name) and not Path(name).expanduser().is_dir():
+            raise FileNotFoundError(missing)
+        check_card_classes(name, class_names)
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                name,
+                revision=cfg.revision,
+                dtype=DTYPES[cfg.dtype],
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
+        except OSError as err:
+            raise FileNotFoundError(f"{missing} ({err})") from None
+        schedulers = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}
+        if cfg.scheduler in schedulers:
+            pipe.scheduler = schedulers[cfg.scheduler].from_config(pipe.scheduler.config)
+        pipe = pipe.to(resolve_device(cfg.device))
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, cfg, class_names)
+
+    # ------------------------------------------------------------------ anchors and prompts
+    def anchors(self) -> torch.Tensor:
+        """T(y) for every class, ``[K, D]`` float32 on the CPU."""
+        table = self.pipe.text_encoder.get_input_embeddings().weight
+        return table[self.token_ids].detach().float().cpu()
+
+    def _encode(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.pipe.text_encoder(ids.to(self.device))[0]
+
+    def _prompt_ids(self, class_index: int) -> torch.Tensor:
+        tok = self.pipe.tokenizer
+        prompt = self.cfg.prompt.format(token=placeholder_token(self.class_names[class_index]))
+        return tok(
+            prompt,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    @torch.no_grad()
+    def prompt_embeds(self, class_index: list[int], vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """Text-encoder outputs of each class prompt; with ``vectors``, the class token's row is v (token
+        substitution) for that prompt only and restored afterwards."""
+        table = self.pipe.text_encoder.get_input_embeddings().weight
+        out = []
+        for i, c in enumerate(class_index):
+            row = self.token_ids[c]
+            saved = table[row].clone()
+            try:
+                if vectors is not None:
+                    table[row] = vectors[i].to(table.device, table.dtype)
+                out.append(self._encode(self._prompt_ids(c)))
+            finally:
+                table[row] = saved
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self, class_index: list[int], seeds: list[int], vectors: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[Image.Image]]:
+        """Denoise one sample per entry; returns the SD latents ``[B, C, h, w]`` and the decoded images."""
+        cond = self.prompt_embeds(class_index, vectors)
+        tok = self.pipe.tokenizer
+        empty = tok(
+            [""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
+        ).input_ids
+        uncond = self._encode(empty).expand(len(class_index), -1, -1)
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        latents = self.pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            num_inference_steps=self.cfg.steps,
+            guidance_scale=self.cfg.guidance_scale,
+            height=self.height,
+            width=self.width,
+            generator=generators,
+            output_type="latent",
+        ).images
+        return latents.float().cpu(), self.decode(latents)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.pipe.vae
+        x = vae.decode(latents.to(self.device, vae.dtype) / vae.config.scaling_factor).sample
+        arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def read_card(pretrained: str | Path) -> dict | None:
+    path = Path(pretrained) / CARD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_card_classes(pretrained: str | Path, class_names: list[str]) -> None:
+    """A generator fitted by oodforge records its classes; a different class list is an error."""
+    card = read_card(pretrained)
+    if card and card.get("class_names") and card["class_names"] != class_names:
+        raise ValueError(
+            f"generator {pretrained} was fitted for classes {card['class_names']} but the data has "
+            f"{class_names}; fit a generator for this data (python -m synth fit-generator) or fix data.benchmark"
+        )
