@@ -119,6 +119,7 @@ def build_components(cfg: TinySDConfig, class_names: list[str], work_dir: Path) 
         beta_schedule="squaredcos_cap_v2",
         prediction_type=cfg.prediction_type,
         clip_sample=False,
+        steps_offset=1,
     )
     return {
         "vae": vae,

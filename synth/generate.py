@@ -196,7 +196,7 @@ def generate(cfg: SynthConfig, out: Path) -> dict:
     """Run the whole synthesis into ``out``; returns the card (main process) or {} (others)."""
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only hosts shard over gloo
     rank, world = state.process_index, state.num_processes
     started = time.perf_counter()
     if not (cfg.teacher / "detector.json").is_file():

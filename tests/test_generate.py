@@ -1,0 +1,125 @@
+"""`python -m synth generate` end to end on mnist-open with a tiny untrained pipeline and teacher."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline
+
+from oodforge.backbones import BackboneConfig, HeadConfig, build_classifier
+from oodforge.data.transforms import Preprocess
+from oodforge.detector import Detector, ThresholdSpec, build_spec
+from oodforge.outliers import OutlierDataset
+from oodforge.scores import build_score
+from synth.embedded import TinySDConfig, build_components
+from synth.generate import SynthConfig, generate
+from synth.generator import CARD_FILE, Generator, GeneratorConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = [str(d) for d in range(6)]
+TINY_SD = TinySDConfig(
+    vae_channels=[16, 16], unet_channels=[16, 32], unet_attention_head_dim=8, text_width=32
+)
+TINY_NET = {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]}
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A saved tiny SD pipeline for mnist-open's classes and an (untrained) cosine-head teacher."""
+    root = tmp_path_factory.mktemp("synth")
+    torch.manual_seed(0)
+    parts = build_components(TINY_SD, CLASSES, root / "work")
+    pipe = StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(root / "gen")
+    (root / "gen" / CARD_FILE).write_text(json.dumps({"class_names": CLASSES}))
+    anchors = Generator.load(GeneratorConfig(pretrained=str(root / "gen")), CLASSES).anchors()
+    model = build_classifier(
+        BackboneConfig(options=TINY_NET, head=HeadConfig(name="cosine")), 6, anchors=anchors
+    )
+    score = build_score("msp")
+    spec = build_spec(name="teacher", model=model, preprocess=Preprocess(), class_names=CLASSES, score=score,
+                      threshold=ThresholdSpec(value=0.0, n_samples=1))  # fmt: skip
+    Detector(model.eval(), score, spec).save(root / "teacher")
+    return {"gen": root / "gen", "teacher": root / "teacher"}
+
+
+def config(assets: dict[str, Path], pixel: int, batch: int = 4) -> dict:
+    return {
+        "teacher": str(assets["teacher"]),
+        "generator": {"pretrained": str(assets["gen"]), "steps": 2, "guidance_scale": 2.0},
+        "sampler": {"k": 20, "select": 10, "n_candidates": 50},
+        "filter": {"k": 10, "quantile": 0.5},
+        "counts": {"knn_per_class": 8, "pixel": pixel, "batch_size": batch},
+    }
+
+
+def test_generate_writes_all_pools(assets: dict[str, Path], tmp_path: Path) -> None:
+    card = generate(SynthConfig.model_validate(config(assets, pixel=10)), tmp_path / "out")
+    ds = OutlierDataset.load(tmp_path / "out")
+    assert len(ds.images()) == 10 and card["counts"]["pixel"]["kept"] == 10
+    knn = ds.require("knn", width=32)
+    assert 0 < len(knn) <= 6 * 8
+    anchors = Generator.load(GeneratorConfig(pretrained=str(assets["gen"])), CLASSES).anchors()
+    kept = [r for r in ds.records if r["pool"] == "knn" and r["kept"]]
+    norms = anchors.norm(dim=1)[[r["source_class"] for r in kept]]
+    torch.testing.assert_close(knn.norm(dim=1), norms, rtol=1e-4, atol=1e-4)  # rescaled to |T(y)|
+    assert ds.require("sd").shape[1:] == (4, 16, 16)
+    for r in ds.records:
+        assert {"id", "pool", "kept", "reason", "source_class"} <= set(r)
+    assert (tmp_path / "out" / "preview.png").is_file() and card["filter"]["threshold"] > 0
+
+
+def run_cli(assets: dict[str, Path], tmp_path: Path, pixel: int, launcher: list[str]) -> subprocess.Popen:
+    cfg = tmp_path / "synth.yaml"
+    cfg.write_text(yaml.safe_dump(config(assets, pixel=pixel, batch=2)))
+    cmd = [*launcher, "-m", "synth", "generate", "--config", str(cfg), "--out", str(tmp_path / "out")]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def test_killed_generation_resumes_to_exact_count(assets: dict[str, Path], tmp_path: Path) -> None:
+    proc = run_cli(assets, tmp_path, pixel=30, launcher=[sys.executable])
+    images = tmp_path / "out" / "images"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(images.glob("*.png"))) < 6:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out" / "card.json").exists()
+    proc = run_cli(assets, tmp_path, pixel=30, launcher=[sys.executable])
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    ds = OutlierDataset.load(tmp_path / "out")
+    ids = [r["id"] for r in ds.records]
+    assert len(ids) == len(set(ids))
+    assert len(ds.images()) == 30 == len(list(images.glob("*.png")))
+
+
+def test_two_processes_make_one_dataset(assets: dict[str, Path], tmp_path: Path) -> None:
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    proc = run_cli(assets, tmp_path, pixel=8, launcher=launcher)
+    out = proc.communicate(timeout=400)[0]
+    assert proc.returncode == 0, out[-3000:]
+    ds = OutlierDataset.load(tmp_path / "out")
+    assert ds.card["processes"] == 2 and len(ds.images()) == 8
+    seeds = [r["seed"] for r in ds.records if r["pool"] == "pixel"]
+    assert len(seeds) == len(set(seeds))  # the two shards decoded different candidates
+    assert len(ds.require("knn")) == len({r["id"] for r in ds.records if r["pool"] == "knn" and r["kept"]})
+
+
+def test_missing_teacher_is_a_clear_error(assets: dict[str, Path], tmp_path: Path) -> None:
+    cfg = SynthConfig.model_validate({**config(assets, pixel=2), "teacher": str(tmp_path / "nope")})
+    with pytest.raises(FileNotFoundError, match="teacher.yaml"):
+        generate(cfg, tmp_path / "out")
