@@ -31,6 +31,7 @@ class TinySDConfig(StrictModel):
     unet_channels: list[int] = [64, 128]
     unet_layers_per_block: int = 1
     unet_attention_head_dim: int = 16
+    unet_text_time_embedding: bool = True  # also add a pooled text embedding to the time embedding
     text_width: int = 64
     text_layers: int = 2
     text_heads: int = 4
@@ -112,6 +113,8 @@ def build_components(cfg: TinySDConfig, class_names: list[str], work_dir: Path) 
         layers_per_block=cfg.unet_layers_per_block,
         cross_attention_dim=cfg.text_width,
         attention_head_dim=cfg.unet_attention_head_dim,
+        addition_embed_type="text" if cfg.unet_text_time_embedding else None,
+        addition_embed_type_num_heads=cfg.text_heads,
         norm_num_groups=16,
     )
     scheduler = DDPMScheduler(

@@ -29,7 +29,7 @@ from synth.generator import PROMPT
 class FitConfig(StrictModel):
     vae_steps: int = 1500
     vae_lr: float = 2e-3
-    vae_kl_weight: float = 1e-6
+    vae_kl_weight: float = 1e-4
     unet_steps: int = 3000
     unet_lr: float = 1e-3
     batch_size: int = 128
