@@ -8,12 +8,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from pydantic import Field
 
 from oodforge.config import StrictModel
@@ -84,7 +84,9 @@ def fit_generator(cfg: FitGeneratorConfig, out: Path, command: str = "") -> dict
     images = images_to_tensor(np.stack([np.asarray(bench.train[i][0]) for i in range(len(bench.train))]))
     labels = torch.from_numpy(bench.train.labels)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # a stable work dir: a killed fit keeps its finished VAE stage and the re-run skips it
+    tmp = out.parent / f".{out.name}.work"
+    tmp.mkdir(exist_ok=True)
     log_path = tmp / "fit_log.jsonl"
 
     def log(values: dict, step: int) -> None:
@@ -94,8 +96,17 @@ def fit_generator(cfg: FitGeneratorConfig, out: Path, command: str = "") -> dict
     try:
         started = time.perf_counter()
         parts = build_components(cfg.model, bench.class_names, tmp)
-        scaling = fit_vae(parts["vae"], images, cfg.fit, gen, log)
-        parts["vae"].register_to_config(scaling_factor=scaling)
+        vae_dir = tmp / "vae-stage"
+        stage = {"config": cfg.model.model_dump(), "steps": cfg.fit.vae_steps, "seed": cfg.seed}
+        if (vae_dir / "stage.json").is_file() and json.loads((vae_dir / "stage.json").read_text()) == stage:
+            parts["vae"] = AutoencoderKL.from_pretrained(vae_dir)
+            print(f"reusing the fitted VAE in {vae_dir}")
+        else:
+            scaling = fit_vae(parts["vae"], images, cfg.fit, gen, log)
+            parts["vae"].register_to_config(scaling_factor=scaling)
+            parts["vae"].save_pretrained(vae_dir)
+            (vae_dir / "stage.json").write_text(json.dumps(stage))
+        scaling = parts["vae"].config.scaling_factor
         latents = encode_latents(parts["vae"], images)
         unet = fit_unet(
             parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
@@ -106,8 +117,10 @@ def fit_generator(cfg: FitGeneratorConfig, out: Path, command: str = "") -> dict
             vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=unet,
             scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )  # fmt: skip
-        shutil.rmtree(tmp / "tokenizer-src", ignore_errors=True)
-        pipe.to(torch.float16 if cfg.save_dtype == "float16" else torch.float32).save_pretrained(tmp)
+        final = tmp / "pipeline"
+        shutil.rmtree(final, ignore_errors=True)
+        pipe.to(torch.float16 if cfg.save_dtype == "float16" else torch.float32).save_pretrained(final)
+        shutil.copy(log_path, final / "fit_log.jsonl")
         card = {
             "kind": "oodforge embedded generator",
             "class_names": bench.class_names,
@@ -119,20 +132,22 @@ def fit_generator(cfg: FitGeneratorConfig, out: Path, command: str = "") -> dict
             "config": cfg.model_dump(mode="json"),
             "versions": library_versions(),
         }
-        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2))
+        (final / CARD_FILE).write_text(json.dumps(card, indent=2))
         generator = Generator.load(
             GeneratorConfig(
-                pretrained=str(tmp), steps=cfg.fidelity.steps, guidance_scale=cfg.fidelity.guidance_scale
+                pretrained=str(final), steps=cfg.fidelity.steps, guidance_scale=cfg.fidelity.guidance_scale
             ),
             bench.class_names,
         )
         card["fidelity"] = measure_fidelity(generator, cfg.fidelity, cfg.seed)
-        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2))
+        (final / CARD_FILE).write_text(json.dumps(card, indent=2))
         if out.exists():
             shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.replace(final, out)
+    except BaseException:
+        print(f"fit-generator stopped; finished stages are kept in {tmp} and a re-run resumes from them")
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return card
 
 

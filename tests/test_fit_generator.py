@@ -62,3 +62,19 @@ def test_misspelled_key_fails_before_work(tmp_path: Path) -> None:
     proc = run(tmp_path, "fit.unet_stepz=3")
     assert proc.returncode == 2 and "fit.unet_stepz" in proc.stderr
     assert not (tmp_path / "gen").exists()
+
+
+def test_failed_fit_resumes_from_its_finished_vae_stage(tmp_path: Path) -> None:
+    model = build_classifier(
+        BackboneConfig(options={"embedding_size": 8, "hidden_sizes": [8], "depths": [1]}), 3
+    )
+    spec = build_spec(name="wrong", model=model, preprocess=Preprocess(), class_names=["a", "b", "c"],
+                      score=build_score("msp"), threshold=ThresholdSpec(value=0.0, n_samples=1))  # fmt: skip
+    Detector(model, build_score("msp"), spec).save(tmp_path / "wrong")
+    first = run(tmp_path, f"fidelity.classifier={tmp_path / 'wrong'}")
+    assert first.returncode == 2 and "has classes" in first.stderr
+    assert (tmp_path / ".gen.work" / "vae-stage" / "stage.json").is_file() and not (tmp_path / "gen").exists()
+    second = run(tmp_path, f"fidelity.classifier={tmp_path / 'none'}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "reusing the fitted VAE" in second.stdout and (tmp_path / "gen" / CARD_FILE).is_file()
+    assert not (tmp_path / ".gen.work").exists()
