@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -28,7 +28,7 @@ class TinySDConfig(StrictModel):
     image_size: int = 32
     latent_channels: int = 4
     vae_channels: list[int] = [16, 32, 32]
-    unet_channels: list[int] = [64, 128]
+    unet_channels: list[int] = [32, 64]
     unet_layers_per_block: int = 1
     unet_attention_head_dim: int = 16
     unet_text_time_embedding: bool = True  # also add a pooled text embedding to the time embedding
@@ -37,7 +37,7 @@ class TinySDConfig(StrictModel):
     text_heads: int = 4
     max_prompt_tokens: int = 16
     train_timesteps: int = 1000
-    prediction_type: str = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
 
 
 def bpe_vocab(words: list[str]) -> tuple[dict[str, int], list[str]]:

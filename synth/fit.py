@@ -27,12 +27,12 @@ from synth.generator import PROMPT
 
 
 class FitConfig(StrictModel):
-    vae_steps: int = 1500
+    vae_steps: int = 600
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-4
-    unet_steps: int = 3000
+    unet_steps: int = 4000
     unet_lr: float = 1e-3
-    batch_size: int = 128
+    batch_size: int = 64
     warmup_steps: int = 100
     ema_decay: float = 0.995
     snr_gamma: float = 5.0
