@@ -1,0 +1,161 @@
+"""Textual inversion: learn only the class placeholder tokens of a pre-trained Stable Diffusion pipeline.
+
+``fit-generator`` with ``pretrained`` set runs this instead of training the embedded pipeline. The VAE,
+UNet and text encoder stay frozen; the trainable parameters are the rows of the text encoder's
+token-embedding matrix that belong to the class placeholder tokens ``<ood-NAME>`` (``oodforge.tokens``).
+The loss is the pipeline's own denoising objective (Gal et al., "An Image is Worth One Word",
+arXiv 2208.01618): for an ID image x of class y, prompt "a high-quality image of the <ood-y>",
+
+    z0 = scaling_factor * E(x),  z_t = sqrt(ᾱ_t) z0 + sqrt(1 - ᾱ_t) ε,  L = ‖UNet(z_t, t, c(y)) - target‖²
+
+with target ε or v as the pipeline's scheduler predicts. After every optimiser step every other row of
+the embedding matrix is restored, so the saved pipeline differs from the input only in those rows.
+
+Precision: the frozen VAE and UNet run in the dtype they were loaded in (float16/bfloat16 on a GPU);
+the text encoder, and so the learned rows, is trained in float32 and cast back afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from oodforge.config import StrictModel
+from oodforge.tokens import add_placeholder_tokens
+from synth.fit import _cosine, prompt_ids
+
+
+class InvertConfig(StrictModel):
+    """Textual-inversion settings (used when ``fit-generator`` has ``pretrained`` set).
+
+    Attributes:
+        steps: Optimiser steps.
+        lr: AdamW learning rate of the placeholder rows (after warm-up, cosine decay to 0).
+        batch_size: ID train images per step.
+        warmup_steps: Linear learning-rate warm-up.
+        max_minutes: Optional time budget; the loop stops after this many minutes.
+        dtype: Dtype the pipeline is loaded in (the frozen VAE and UNet run in it).
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1`` ...
+        gradient_checkpointing: Recompute UNet activations in the backward pass (less GPU memory).
+    """
+
+    steps: int = Field(1000, ge=1)
+    lr: float = Field(5e-3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    warmup_steps: int = Field(50, ge=0)
+    max_minutes: float | None = Field(None, gt=0)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+
+
+def pipeline_resolution(pipe) -> int:
+    """Side of the images the pipeline was trained on: UNet sample size times the VAE's downsampling."""
+    return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a batch in [-1, 1] to ``size`` x ``size`` (bicubic, antialiased when shrinking)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(
+        -1, 1
+    )
+
+
+@torch.no_grad()
+def encode(vae, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Scaled VAE latents of a batch: a sample of the posterior times ``scaling_factor``, in float32."""
+    dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=gen).to(dist.mean.device)
+    return (dist.mean.float() + dist.std.float() * noise) * vae.config.scaling_factor
+
+
+def _freeze(pipe, cfg: InvertConfig) -> torch.nn.Parameter:
+    """Freeze every weight, put the text encoder in float32 and return its (trainable) embedding table."""
+    for module in (pipe.vae, pipe.unet, pipe.text_encoder):
+        module.requires_grad_(False).eval()
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    pipe.text_encoder.to(torch.float32)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    return table.requires_grad_(True)
+
+
+def fit_tokens(
+    pipe,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: list[str],
+    cfg: InvertConfig,
+    gen: torch.Generator,
+    log: Callable[[dict, int], None],
+) -> None:
+    """Learn the placeholder-token rows of ``pipe`` on class-labelled images, in place.
+
+    Args:
+        pipe: A diffusers ``StableDiffusionPipeline`` (placeholder tokens are added if missing).
+        images: ID train images ``[N, 3, H, W]`` in [-1, 1] on the CPU; resized per batch to the
+            pipeline's resolution.
+        labels: Class index of each image ``[N]``.
+        class_names: ID class names, in label order.
+        cfg: Steps, learning rate, batch size, time budget.
+        gen: CPU random generator (batches, timesteps, noise).
+        log: ``log(values, step)`` receives the loss every 50 steps.
+
+    Every weight other than the placeholder rows is bit-identical afterwards; the text encoder is
+    returned in the dtype it came in.
+    """
+    token_ids = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, class_names)
+    text_dtype, device = pipe.text_encoder.dtype, pipe.unet.device
+    table = _freeze(pipe, cfg)
+    keep = torch.ones(len(table), dtype=torch.bool, device=table.device)
+    keep[token_ids] = False
+    original = table.detach()[keep].clone()
+    # the training noise schedule of the pipeline's own scheduler (same betas and prediction type)
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction = noise_sched.config.prediction_type
+    ids, _ = prompt_ids(pipe.tokenizer, class_names)
+    size = pipeline_resolution(pipe)
+    opt = torch.optim.AdamW([table], lr=cfg.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, cfg.steps, cfg.warmup_steps))
+    started = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="textual inversion", disable=None)
+    try:
+        for step in bar:
+            idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
+            z0 = encode(pipe.vae, resize(images[idx], size), gen)
+            noise = torch.randn(z0.shape, generator=gen).to(device)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(
+                device
+            )
+            zt = noise_sched.add_noise(z0, noise, t)
+            context = pipe.text_encoder(ids[labels[idx]].to(device))[0]
+            pred = pipe.unet(
+                zt.to(pipe.unet.dtype), t, encoder_hidden_states=context.to(pipe.unet.dtype)
+            ).sample
+            target = noise if prediction == "epsilon" else noise_sched.get_velocity(z0, noise, t)
+            loss = F.mse_loss(pred.float(), target)
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                table[keep] = original  # only the placeholder rows may change
+            if step % 50 == 0 or step == cfg.steps - 1:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                log({"invert/loss": loss.item()}, step)
+            if cfg.max_minutes and time.perf_counter() - started > 60 * cfg.max_minutes:
+                log({"invert/stopped_at_step": step}, step)
+                break
+    finally:
+        table.requires_grad_(False)
+        pipe.text_encoder.to(text_dtype)
