@@ -93,6 +93,11 @@ def main() -> None:
         )
     else:
         lines.append(f"- Generation speed not measured: no generator at {args.generator}.")
+    if not torch.cuda.is_available():
+        lines.append(
+            "- SD 1.5-architecture pipeline (fp16, 512x512) on a GPU: not measured, no GPU was lent to this "
+            "run; CPU figures only."
+        )
     write_section("synth", "\n".join(lines))
     print("\n".join(lines))
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -123,3 +124,54 @@ def test_missing_teacher_is_a_clear_error(assets: dict[str, Path], tmp_path: Pat
     cfg = SynthConfig.model_validate({**config(assets, pixel=2), "teacher": str(tmp_path / "nope")})
     with pytest.raises(FileNotFoundError, match="teacher.yaml"):
         generate(cfg, tmp_path / "out")
+
+
+def test_corrupt_id_image_is_skipped_counted_and_named(
+    assets: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ID image that passes the folder scan but cannot be decoded is skipped, and the log names it."""
+    from oodforge.data import DataConfig, load_benchmark
+
+    train = load_benchmark(DataConfig()).train
+    root = tmp_path / "id"
+    for c in CLASSES:
+        (root / c).mkdir(parents=True)
+    per_class = dict.fromkeys(range(6), 0)
+    for i in range(len(train)):
+        image, label = train[i]
+        if per_class[label] < 8:
+            image.save(root / str(label) / f"{i}.jpg")
+            per_class[label] += 1
+    good = (root / "3" / f"{next(i for i in range(len(train)) if train[i][1] == 3)}.jpg").read_bytes()
+    (root / "3" / "broken.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    cfg = SynthConfig.model_validate(
+        {**config(assets, pixel=2), "data": {"benchmark": "imagefolder", "root": str(root)}}
+    )
+    with caplog.at_level("WARNING"):
+        card = generate(cfg, tmp_path / "out")
+    assert card["id_reference"]["n"] == len(load_benchmark(cfg.data).train)  # every readable train image
+    warning = next(r.getMessage() for r in caplog.records if "broken.jpg" in r.getMessage())
+    assert "skipped 1 unreadable" in warning
+    assert len(OutlierDataset.load(tmp_path / "out").images()) == 2
+
+
+def test_embedding_skips_an_image_that_fails_to_decode(
+    assets: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file that fails only at decode time (after any scan) is skipped and named, the rest embedded."""
+    from PIL import Image
+
+    from oodforge.data.base import FileImageSet
+    from synth.generate import embed_images
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (32, 32), (i * 80, 0, 0)).save(paths[-1])
+    paths.insert(1, tmp_path / "zero-bytes.png")
+    paths[1].write_bytes(b"")
+    teacher = Detector.load(assets["teacher"])
+    with caplog.at_level("WARNING"):
+        z, y = embed_images(teacher, FileImageSet("id", paths, np.array([0, 1, 2, 3])))
+    assert z.shape == (3, 32) and y.tolist() == [0, 2, 3]
+    assert "skipped 1 unreadable ID image" in caplog.text and "zero-bytes.png" in caplog.text
