@@ -7,6 +7,7 @@ classification model by Hub id or local path with ``from_pretrained``. Every bac
 and the logits. The ``HEADS`` registry says what replaces it:
 
 - ``linear`` (default): the model's own linear layer; features are the penultimate ``h``, ``f = W h + b``.
+- ``isomax_plus``: IsoMax+ (DESIGN.md §5): ``f_j = −|d_s|·‖ĥ − p̂_j‖`` to learnable prototypes; features = ``h``.
 - ``cosine``: a text-aligned head (DESIGN.md §5): a projection ``z = P(h)`` to the width D of fixed class
   anchors T(y) [K, D] and ``f_j = cos(z, T(y_j)) / τ``; the features are the embedding ``z``. The anchors
   are a buffer, so they travel in the weights file.
@@ -31,13 +32,14 @@ class HeadConfig(StrictModel):
     """What turns the backbone's features into logits (a ``HEADS`` registry name and its options).
 
     Attributes:
-        name: ``linear`` (the model's own classifier layer) or ``cosine`` (projection + cosine to anchors).
+        name: ``linear`` (the model's own classifier layer), ``cosine`` (projection + cosine to anchors) or
+            ``isomax_plus`` (negative scaled distance to learnable prototypes).
         tau: temperature τ of the ``cosine`` head: ``f_j = cos(z, T(y_j)) / τ``.
         embed_dim: width D of the ``cosine`` embedding; taken from the anchors when not set (and checked
             against them when set). Stored in ``detector.json``.
     """
 
-    name: Literal["linear", "cosine"] = "linear"
+    name: Literal["linear", "cosine", "isomax_plus"] = "linear"
     tau: float = Field(0.1, gt=0)
     embed_dim: int | None = Field(None, ge=1)
 
@@ -173,6 +175,40 @@ def cosine_head(
         raise ValueError(f"model.head.embed_dim is {cfg.embed_dim} but the class anchors are {dim}-wide")
     neck = nn.Linear(fc.in_features, dim)
     return neck, CosineHead(anchors, cfg.tau), cfg.model_copy(update={"embed_dim": dim})
+
+
+class IsoMaxPlusHead(nn.Module):
+    """Prototypes [K, D] ~ N(0, 1) and a learnable distance scale ``d_s`` (init 1); forward gives ``z`` ≤ 0."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.prototypes = nn.Parameter(torch.randn(num_classes, in_features))
+        self.distance_scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``z_ij = −|d_s|·‖h_i/‖h_i‖ − p_j/‖p_j‖‖`` [N, K]."""
+        if features.ndim != 2 or features.shape[1] != self.in_features:
+            raise ValueError(
+                f"IsoMaxPlusHead expects features [N, {self.in_features}], got {tuple(features.shape)}"
+            )
+        distances = torch.cdist(
+            F.normalize(features, dim=1),
+            F.normalize(self.prototypes, dim=1),
+            compute_mode="donot_use_mm_for_euclid_dist",
+        )
+        return -self.distance_scale.abs() * distances
+
+
+@HEADS.register("isomax_plus")
+def isomax_plus_head(
+    fc: nn.Linear, cfg: HeadConfig, anchors: torch.Tensor | None
+) -> tuple[nn.Module, nn.Module, HeadConfig]:
+    """:class:`IsoMaxPlusHead` on the penultimate features ``h`` (the model's linear layer is dropped)."""
+    if anchors is not None:
+        raise ValueError("the isomax_plus head takes no class anchors")
+    return nn.Identity(), IsoMaxPlusHead(fc.in_features, fc.out_features), cfg
 
 
 class Classifier(nn.Module):

@@ -137,8 +137,17 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def test_killed_run_resumes_from_last_checkpoint(tmp_path: Path) -> None:
+def oal_sources(assets) -> tuple[str, ...]:
+    """OAL with every outlier stream (knn, sd and, through the oe term, pixel images)."""
+    return (f"method_args.teacher={assets.teacher}", f"method_args.outliers={assets.outliers}",
+            f"init_from={assets.ce}", "method_args.pixel_term=oe")  # fmt: skip
+
+
+@pytest.mark.parametrize("config", ["ce.yaml", "oal.yaml"])
+def test_killed_run_resumes_from_last_checkpoint(tmp_path: Path, config: str, ood_assets) -> None:
     extra = ("name=killed", "train.epochs=2", "train.checkpoint_every_steps=5", "eval.plots=false")
+    if config == "oal.yaml":
+        extra += oal_sources(ood_assets)
     cmd = [
         str(ACCELERATE),
         "launch",
@@ -152,7 +161,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path: Path) -> None:
         "no",
         str(SCRIPT),
         "--config",
-        str(REPO / "configs/train/ce.yaml"),
+        str(REPO / "configs/train" / config),
         *overrides(tmp_path, *extra),
     ]
     ckpts = tmp_path / "runs" / "killed" / "checkpoints"

@@ -60,6 +60,10 @@ class TrainConfig(StrictModel):
     output_dir: Path = Path("runs")
     data: DataConfig = DataConfig()
     model: BackboneConfig = BackboneConfig()
+    init_from: Path | None = Field(
+        None,
+        description="a detector directory whose weights start the model (fine-tuning), e.g. runs/ce/detector",
+    )
     preprocess: Preprocess = Preprocess()
     optim: OptimConfig = OptimConfig()
     train: LoopConfig = LoopConfig()

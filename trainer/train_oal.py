@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    set_seed,
+)
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -37,6 +43,7 @@ from oodforge.metrics import threshold_at_tpr
 from trainer.config import TrainConfig
 from trainer.evaluate import collect_benchmark, evaluate_outputs, fit_scores
 from trainer.methods import METHODS, Method, MethodContext
+from trainer.outlier_stream import OutlierStream
 from trainer.report import write_report
 from trainer.tracking import CSVTracker
 
@@ -88,13 +95,50 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
     accelerator.wait_for_everyone()
 
 
-def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+class TrainStep(nn.Module):
+    """The model and the method's own modules as one module whose forward is the method's loss.
+
+    One module means one ``accelerator.prepare`` (one DDP wrapper whose gradient sync covers heads,
+    projectors and CLUB networks too) and one checkpointed state.
+    """
+
+    def __init__(self, model: Classifier, method: Method) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(
+        self, batch: tuple[torch.Tensor, torch.Tensor], outliers: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.method.loss(self.model, batch, outliers)
+
+
+def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "sgd":
         return torch.optim.SGD(
-            params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+            groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
         )
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def load_initial_weights(model: Classifier, source: Path) -> None:
+    """Start from the weights of a detector artifact (``init_from``); the architectures must match."""
+    from oodforge.detector import ArtifactError
+
+    try:
+        state = Detector.load(source).model.state_dict()
+    except ArtifactError as err:
+        raise ConfigError(f"init_from: {err}") from None
+    result = model.load_state_dict(state, strict=False)
+    mismatched = [
+        k for k, v in state.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape
+    ]
+    if result.missing_keys or result.unexpected_keys or mismatched:
+        raise ConfigError(
+            f"init_from: the weights in {source} do not fit this run's model (missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}); use a detector trained with the same model and head config"
+        )
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -146,22 +190,32 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     method_cls = METHODS.get(cfg.method)
     method_args = method_cls.Config(**cfg.method_args)
     method_cls.check(method_args, cfg)  # missing inputs fail here, before the run directory is touched
+    if cfg.init_from is not None and not (cfg.init_from / "detector.json").is_file():
+        raise ConfigError(
+            f"init_from: {cfg.init_from} is not a detector directory (no detector.json); train that run first"
+        )
+    bench = load_benchmark(cfg.data)
+    outlier_sets = method_cls.outlier_sets(method_args, cfg, bench.class_names)
     run_dir = prepare_run_dir(cfg, resume, overwrite)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         log_with=make_trackers(cfg, run_dir / "logs"),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=method_cls.find_unused_parameters)
+        ],
     )
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     accelerator.init_trackers(cfg.name, config=_flat(cfg.model_dump(mode="json")))
 
-    bench = load_benchmark(cfg.data)
     num_classes = len(bench.class_names)
     model = method_cls.build_model(method_args, cfg, bench.class_names)
-    method: Method = method_cls(MethodContext(method_args, num_classes, cfg))
+    if cfg.init_from is not None:
+        load_initial_weights(model, cfg.init_from)
+    method: Method = method_cls(MethodContext(method_args, num_classes, cfg, model.feature_dim))
 
     train_set = TransformedSet(
         bench.train, cfg.preprocess, augment=cfg.train.augment, seed=cfg.seed, hflip=cfg.train.hflip
@@ -173,8 +227,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
         drop_last=True,
         num_workers=cfg.train.num_workers,
     )
-    optimizer = build_optimizer(cfg, [*model.parameters(), *method.parameters()])
-    model, method, optimizer, loader = accelerator.prepare(model, method, optimizer, loader)
+    groups = [{"params": list(model.parameters())}, *method.param_groups(cfg.optim.lr)]
+    optimizer = build_optimizer(cfg, [g for g in groups if g["params"]])
+    step_module, optimizer, loader = accelerator.prepare(TrainStep(model, method), optimizer, loader)
+    batch_size = method_cls.outlier_batch_size(method_args, cfg)
+    streams = {name: OutlierStream(accelerator, ds, batch_size, name) for name, ds in outlier_sets.items()}
     total_steps = cfg.train.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     scheduler = accelerator.prepare(scheduler)
@@ -190,8 +247,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
         )
     elif resume:
         accelerator.print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from scratch")
+    for stream in streams.values():
+        stream.start(progress.global_step)
 
     started = time.perf_counter()
+    step_seconds, timed_steps = 0.0, 0  # optimisation steps only (no validation, no checkpointing)
     while progress.epoch < cfg.train.epochs:
         epoch = progress.epoch
         train_set.set_epoch(epoch)
@@ -201,8 +261,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
             if progress.step_in_epoch
             else loader
         )
-        model.train()
-        method.train()
+        step_module.train()
         bar = tqdm(
             batches,
             total=len(loader),
@@ -212,11 +271,13 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
         )
         running, seen = 0.0, 0
         for batch in bar:
-            loss, parts = method.loss(model, batch)
+            step_started = time.perf_counter()
+            loss, parts = step_module(batch, {name: s.next() for name, s in streams.items()})
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            step_seconds, timed_steps = step_seconds + time.perf_counter() - step_started, timed_steps + 1
             progress.global_step += 1
             progress.step_in_epoch += 1
             running, seen = running + loss.item(), seen + 1
@@ -234,7 +295,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
                 loader
             ):
                 save_checkpoint(accelerator, run_dir, progress.global_step, cfg.train.keep_checkpoints)
-        val_acc = _accuracy(accelerator, model, bench.val, cfg)
+        val_acc = _accuracy(accelerator, _unwrap(accelerator, step_module), bench.val, cfg)
         accelerator.log(
             {"epoch": epoch + 1, "val/accuracy": val_acc, "train/epoch_loss": running / max(1, seen)},
             step=progress.global_step,
@@ -249,28 +310,37 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     if accelerator.is_main_process:
         finish(
             cfg,
-            accelerator.unwrap_model(model),
+            _unwrap(accelerator, step_module),
             bench,
             run_dir,
             str(accelerator.device),
             time.perf_counter() - started,
+            1000 * step_seconds / timed_steps if timed_steps else None,
         )
     accelerator.end_training()
     return run_dir
 
 
+def _unwrap(accelerator: Accelerator, step_module: nn.Module) -> Classifier:
+    return accelerator.unwrap_model(step_module).model
+
+
 @torch.no_grad()
-def _accuracy(accelerator: Accelerator, model: torch.nn.Module, images, cfg: TrainConfig) -> float:
+def _accuracy(accelerator: Accelerator, model: Classifier, images, cfg: TrainConfig) -> float:
     from trainer.evaluate import collect
 
-    out = collect(
-        accelerator.unwrap_model(model), images, cfg.preprocess, cfg.train.eval_batch_size, accelerator.device
-    )
+    out = collect(model, images, cfg.preprocess, cfg.train.eval_batch_size, accelerator.device)
     return (out.logits.argmax(1) == out.labels).float().mean().item()
 
 
 def finish(
-    cfg: TrainConfig, model: Classifier, bench, run_dir: Path, device: str, train_seconds: float
+    cfg: TrainConfig,
+    model: Classifier,
+    bench,
+    run_dir: Path,
+    device: str,
+    train_seconds: float,
+    step_ms: float | None = None,
 ) -> None:
     """Evaluate every configured score, write the report and export the detector."""
     model.eval()
@@ -284,6 +354,8 @@ def finish(
             "method": cfg.method,
             "benchmark": cfg.data.benchmark,
             "train_seconds": round(train_seconds, 1),
+            # mean wall time of one optimisation step of this process (None when resumed at the end)
+            "step_ms": None if step_ms is None else round(step_ms, 2),
         }
     )
     report = write_report(

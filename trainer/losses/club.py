@@ -19,6 +19,20 @@ import torch
 from torch import nn
 
 
+def club_estimate(mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The CLUB estimate from ``q``'s outputs ``μ``, ``ℓ`` [N, D] and ``y`` [N, D] (see :meth:`CLUB.forward`).
+
+    A pure function, so a caller can pass ``μ`` and ``ℓ`` detached (``club_q_training: alternate``: the
+    estimate trains only the network that produced ``y``).
+    """
+    inv_two_var = 0.5 * torch.exp(-logvar)
+    positive = ((mu - y) ** 2 * inv_two_var).sum(dim=1)
+    y_mean = y.mean(dim=0)
+    y_var = ((y - y_mean) ** 2).mean(dim=0)
+    negative = ((y_var + (y_mean - mu) ** 2) * inv_two_var).sum(dim=1)
+    return (negative - positive).mean()
+
+
 class CLUB(nn.Module):
     """CLUB estimator of ``I(x; y)`` with a Gaussian ``q(y|x)``.
 
@@ -60,13 +74,7 @@ class CLUB(nn.Module):
         the O(N²·D) of the reference code; value and gradient are the same.
         """
         self._check(x, y)
-        mu, logvar = self.mu_logvar(x)
-        inv_two_var = 0.5 * torch.exp(-logvar)
-        positive = ((mu - y) ** 2 * inv_two_var).sum(dim=1)
-        y_mean = y.mean(dim=0)
-        y_var = ((y - y_mean) ** 2).mean(dim=0)
-        negative = ((y_var + (y_mean - mu) ** 2) * inv_two_var).sum(dim=1)
-        return (negative - positive).mean()
+        return club_estimate(*self.mu_logvar(x), y)
 
     def log_likelihood(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean Gaussian log-likelihood ``mean_i Σ_d [−(y_id − μ_id)²/(2e^{ℓ_id}) − ℓ_id/2 − log(2π)/2]``."""

@@ -14,7 +14,10 @@ class CrossEntropy(Method):
     """L = CE(f(x), y)."""
 
     def loss(
-        self, model: Classifier, batch: tuple[torch.Tensor, torch.Tensor]
+        self,
+        model: Classifier,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        outliers: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, float]]:
         images, labels = batch
         logits, _ = model(images)

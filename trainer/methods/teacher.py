@@ -115,7 +115,10 @@ class TextAlignedTeacher(Method):
         return build_classifier(model_cfg, len(class_names), anchors=anchors)
 
     def loss(
-        self, model: Classifier, batch: tuple[torch.Tensor, torch.Tensor]
+        self,
+        model: Classifier,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        outliers: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, float]]:
         images, labels = batch
         logits, _ = model(images)

@@ -1,0 +1,89 @@
+"""Side-by-side report of several finished runs on the same benchmark (what ``make demo`` prints for CE vs OAL).
+
+    python -m trainer.compare runs/ce runs/oal --out runs/ce_vs_oal.md [--scores energy,msp]
+
+Each run's ``report.json`` is read (nothing is re-evaluated); a row per OOD set plus the near/far means,
+a column pair (AUROC, FPR@95) per run and score. By default each run is shown with the score its detector
+exports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def load_report(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; train and evaluate that run first")
+    return json.loads(path.read_text())
+
+
+def comparison_markdown(reports: dict[str, dict[str, Any]], scores: list[str] | None = None) -> str:
+    """The comparison as markdown; ``scores`` (default: each run's exported score) must exist in every report."""
+    columns = []
+    for name, report in reports.items():
+        for score in scores or [report["score"]]:
+            if score not in report["scores"]:
+                raise ValueError(
+                    f"run {name} was not evaluated with score {score!r} (has {list(report['scores'])})"
+                )
+            columns.append((name, score))
+    benchmarks = {r.get("benchmark") for r in reports.values()}
+    if len(benchmarks) > 1:
+        raise ValueError(f"the runs were evaluated on different benchmarks: {sorted(map(str, benchmarks))}")
+    first = next(iter(reports.values()))
+    sets = list(first["scores"][first["score"]]["ood"])
+    head = " | ".join(f"{n} {s} AUROC ↑ | {n} {s} FPR@95 ↓" for n, s in columns)
+    lines = [
+        f"# {' vs '.join(reports)} on {benchmarks.pop()}",
+        "",
+        "ID test accuracy: "
+        + ", ".join(f"{n} **{100 * r['id_accuracy']:.2f}%**" for n, r in reports.items()),
+        "",
+        f"{first['fpr95_definition']} Values in %.",
+        "",
+        f"| OOD set | kind | {head} |",
+        "|---|---|" + "---:|" * (2 * len(columns)),
+    ]
+
+    def cells(pick) -> str:
+        values = [pick(reports[n]["scores"][s]) for n, s in columns]
+        return " | ".join(f"{100 * v['auroc']:.2f} | {100 * v['fpr95']:.2f}" for v in values)
+
+    for ood in sets:
+        kind = first["scores"][first["score"]]["ood"][ood]["kind"]
+        lines.append(f"| {ood} | {kind} | " + cells(lambda per, o=ood: per["ood"][o]) + " |")
+    for group in ("near", "far"):
+        lines.append(f"| **{group} mean** | | " + cells(lambda per, g=group: per[g]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compare finished runs side by side.")
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with report.json)")
+    parser.add_argument("--out", type=Path, help="write the markdown here (printed either way)")
+    parser.add_argument(
+        "--scores", default="", help="comma-separated scores (default: each run's exported one)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        reports = {run.name: load_report(run) for run in args.runs}
+        text = comparison_markdown(reports, [s for s in args.scores.split(",") if s] or None)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""``oal``: outlier-aware learning with knowledge distillation (Gao et al., arXiv 2406.16525), DESIGN.md §5.
+
+The student starts from the CE checkpoint (``init_from``); a frozen text-aligned teacher (the ``teacher``
+run's detector) supplies logits f_T and features h_T; the synth dataset supplies outlier vectors:
+
+    L = CE(f_S, y) + α·KL(softmax f_T ‖ softmax f_S) + β·KL(softmax DT(h_T) ‖ softmax h_S)
+      + γ·CLUB(v_knn, h_S) + δ·CLUB(pool(z_sd), h_S)  [+ λ·pixel term on the synth images]
+
+α=4, β=8, γ=0.1, δ=0.2. ``DT`` projects teacher features to the student's width; ``pool(z_sd)`` averages
+an SD latent over channels and rows. Every term is logged on its own, and a weight of 0 switches it off
+(its data is then not needed: ``delta: 0`` runs without an ``sd`` pool).
+
+CLUB's variational network q is trained ``joint``ly with the student by the same loss (as the public OAL
+code does) or ``alternate``ly (as the CLUB paper: q maximises its log-likelihood on detached pairs while
+the estimate, with q held fixed, trains the student) — both in one backward pass, since the two losses
+reach disjoint parameters. DT and the CLUB networks learn at ``aux_lr`` (0.1 in the public code).
+
+    accelerate launch trainer/train_oal.py --config configs/train/oal.yaml
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from oodforge.backbones import Classifier
+from oodforge.config import ConfigError
+from oodforge.detector import ArtifactError, Detector
+from trainer.losses.club import CLUB, club_estimate
+from trainer.losses.kd import DTProjector, feature_kd, logit_kd
+from trainer.methods.base import METHODS, Method, MethodContext
+from trainer.methods.pixel import (
+    DEFAULT_WEIGHTS,
+    PIXEL_TERMS,
+    PixelTermArgs,
+    PixelTermName,
+    joint_forward,
+    load_outliers,
+    pixel_set,
+)
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+
+TRAIN_TEACHER = "accelerate launch trainer/train_oal.py --config configs/train/teacher.yaml"
+
+
+class OALArgs(PixelTermArgs):
+    """``method_args`` of ``oal``.
+
+    Attributes:
+        teacher: the teacher run's detector directory (the frozen text-aligned encoder).
+        outliers: the synth dataset directory (``knn`` and ``sd`` pools; its images for ``pixel_term``).
+        alpha: logit-KD weight.
+        beta: feature-KD weight (through the DT projector).
+        gamma: weight of CLUB between the kNN outlier embeddings and the student features.
+        delta: weight of CLUB between the pooled SD latents and the student features.
+        club_q_training: ``joint`` (q trained by the student loss, as the public code) or ``alternate``
+            (q fitted by maximum likelihood, the estimate trains the student only).
+        club_hidden: hidden width of the CLUB networks.
+        aux_lr: learning rate of DT and the CLUB networks (the student uses ``optim.lr``).
+        pixel_term: optional term on the synth images: ``oe``, ``energy_margin`` or ``energy_head``.
+        pixel_weight: its weight (0.5 for oe, 0.1 for the others when unset).
+    """
+
+    teacher: Path = Path("runs/teacher/detector")
+    outliers: Path = Path("outliers/mnist-open")
+    alpha: float = Field(4.0, ge=0)
+    beta: float = Field(8.0, ge=0)
+    gamma: float = Field(0.1, ge=0)
+    delta: float = Field(0.2, ge=0)
+    club_q_training: Literal["joint", "alternate"] = "joint"
+    club_hidden: int = Field(128, ge=1)
+    aux_lr: float = Field(0.1, gt=0)
+    pixel_term: PixelTermName | None = None
+    pixel_weight: float | None = Field(None, ge=0)
+
+
+def pool_sd(latents: torch.Tensor) -> torch.Tensor:
+    """``pool(z_sd)``: SD latents [M, C, h, w] averaged over channels and rows -> [M, w]."""
+    if latents.ndim != 4:
+        raise ValueError(f"sd latents must be [M, C, h, w], got shape {tuple(latents.shape)}")
+    return latents.float().mean(dim=(1, 2))
+
+
+def load_teacher(path: Path) -> Detector:
+    """The teacher detector, or a :class:`ConfigError` that says how to make it."""
+    try:
+        return Detector.load(path)
+    except ArtifactError as err:
+        raise ConfigError(f"method_args.teacher: {err}. Train the teacher with `{TRAIN_TEACHER}`") from None
+
+
+def _latent_sets(args: OALArgs, teacher_dim: int) -> dict[str, torch.Tensor]:
+    """The outlier vectors the CLUB terms need (only those with a non-zero weight), width-checked."""
+    if not (args.gamma or args.delta):
+        return {}
+    ds = load_outliers(args.outliers)
+    sets = {}
+    try:
+        if args.gamma:
+            sets["knn"] = ds.require("knn", width=teacher_dim).float()
+        if args.delta:
+            sets["sd"] = pool_sd(ds.require("sd"))
+    except ValueError as err:
+        hint = (
+            " (or set method_args.delta: 0 to train without the sd term)"
+            if args.delta and "sd" not in sets
+            else ""
+        )
+        raise ConfigError(f"method_args.outliers: {err}{hint}") from None
+    return sets
+
+
+@METHODS.register("oal")
+class OutlierAwareLearning(Method):
+    """CE + α·logit KD + β·feature KD + γ·CLUB(knn) + δ·CLUB(sd) [+ pixel term]."""
+
+    Config = OALArgs
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        args: OALArgs = ctx.args
+        teacher = load_teacher(args.teacher).model.eval().requires_grad_(False)
+        # held outside the module tree: not trained, not checkpointed, not wrapped by DDP
+        object.__setattr__(self, "teacher", teacher)
+        dims = {name: t.shape[1] for name, t in _latent_sets(args, teacher.feature_dim).items()}
+        if args.beta:
+            self.dt = DTProjector(teacher.feature_dim, ctx.feature_dim)
+        self.clubs = nn.ModuleDict(
+            {name: CLUB(width, ctx.feature_dim, args.club_hidden) for name, width in dims.items()}
+        )
+        if args.pixel_term:
+            self.pixel = PIXEL_TERMS.get(args.pixel_term)(args)
+            self.pixel_weight = (
+                args.pixel_weight if args.pixel_weight is not None else DEFAULT_WEIGHTS[args.pixel_term]
+            )
+
+    @classmethod
+    def check(cls, args: OALArgs, config: TrainConfig) -> None:
+        teacher = load_teacher(args.teacher)
+        if teacher.preprocess != config.preprocess:
+            raise ConfigError(
+                f"method_args.teacher: the teacher was trained with preprocess {teacher.preprocess.model_dump()} "
+                f"but this run uses {config.preprocess.model_dump()}; the student and teacher see the same "
+                "tensors, so use the teacher's preprocess"
+            )
+        if config.init_from is None:
+            raise ConfigError("init_from: OAL fine-tunes the CE baseline; set init_from: runs/ce/detector")
+        _latent_sets(args, teacher.model.feature_dim)
+        if args.pixel_term:
+            pixel_set(args.outliers, config)
+            PIXEL_TERMS.get(args.pixel_term)(args)
+
+    @classmethod
+    def outlier_sets(cls, args: OALArgs, config: TrainConfig, class_names: list[str]) -> dict[str, Dataset]:
+        teacher = load_teacher(args.teacher)
+        if teacher.class_names != class_names:
+            raise ConfigError(
+                f"method_args.teacher: the teacher's classes {teacher.class_names} are not this run's "
+                f"{class_names}; train the teacher on the same benchmark"
+            )
+        sets: dict[str, Dataset] = {
+            name: TensorDataset(t) for name, t in _latent_sets(args, teacher.model.feature_dim).items()
+        }
+        if args.pixel_term:
+            sets["pixel"] = pixel_set(args.outliers, config)
+        return sets
+
+    @classmethod
+    def outlier_batch_size(cls, args: OALArgs, config: TrainConfig) -> int:
+        return config.train.batch_size  # CLUB pairs outlier row i with ID row i
+
+    def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        aux = [p for name, p in self.named_parameters() if name.startswith(("dt.", "clubs."))]
+        rest = [p for name, p in self.named_parameters() if not name.startswith(("dt.", "clubs."))]
+        return [{"params": aux, "lr": self.ctx.args.aux_lr}, {"params": rest}]
+
+    def _club(self, name: str, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(estimate, loss to add)``: the loss is ``weight·estimate`` (+ q's own loss when alternating)."""
+        club: CLUB = self.clubs[name]
+        weight = self.ctx.args.gamma if name == "knn" else self.ctx.args.delta
+        x = x.to(h.dtype)
+        if self.ctx.args.club_q_training == "joint":
+            estimate = club(x, h)
+            return estimate, weight * estimate
+        mu, logvar = club.mu_logvar(x)
+        estimate = club_estimate(mu.detach(), logvar.detach(), h)
+        return estimate, weight * estimate + club.learning_loss(x, h.detach())
+
+    def loss(
+        self,
+        model: Classifier,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        outliers: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        args: OALArgs = self.ctx.args
+        images, labels = batch
+        if args.pixel_term:
+            logits, h_s, logits_out, _ = joint_forward(model, images, outliers["pixel"])
+        else:
+            logits, h_s = model(images)
+        ce = F.cross_entropy(logits, labels)
+        total, parts = ce, {"ce": ce.item()}
+        if args.alpha or args.beta:
+            t_logits, h_t = self._teach(images)
+        if args.alpha:
+            kd = logit_kd(logits, t_logits)
+            total, parts["logit_kd"] = total + args.alpha * kd, kd.item()
+        if args.beta:
+            fkd = feature_kd(h_s, self.dt(h_t))
+            total, parts["feature_kd"] = total + args.beta * fkd, fkd.item()
+        for name in self.clubs:
+            estimate, term = self._club(name, outliers[name], h_s)
+            total, parts[f"club_{name}"] = total + term, estimate.item()
+        if args.pixel_term:
+            pixel = self.pixel(logits, logits_out)
+            total, parts[args.pixel_term] = total + self.pixel_weight * pixel, pixel.item()
+        return total, parts
+
+    @torch.no_grad()
+    def _teach(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        teacher: Classifier = self.teacher  # type: ignore[assignment]
+        if next(teacher.parameters()).device != images.device:
+            teacher.to(images.device)
+        logits, features = teacher(images)
+        return logits.float(), features.float()
