@@ -1,9 +1,11 @@
 # Two commands from a fresh clone:  `make demo`  and  `make test`  (only Python needed).
 # GPU users: make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# The install steps live in docker/install.sh, shared with docker/Dockerfile and docker/Dockerfile.cuda.
 
 PYTHON     ?= python3
 VENV       ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+# empty = the default torch pin in docker/install.sh
+TORCH_SPEC ?=
 EXTRAS     ?= dev
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.oodforge-installed
@@ -12,21 +14,24 @@ PYTEST_ARGS ?=
 
 GENERATOR  ?= generators/tiny-mnist-open
 
-.PHONY: setup demo test lint clean help
+HOST         ?= 127.0.0.1
+PORT         ?= 8000
+SERVE_CONFIG ?= configs/serve/demo.yaml
+
+.PHONY: setup demo test lint serve clean help
 
 help:
 	@echo "make demo   set up .venv; CE -> generator -> teacher -> outliers -> OAL -> CE vs OAL report (mnist-open)"
 	@echo "make test   set up .venv and run the test suite"
 	@echo "make lint   ruff check"
+	@echo "make serve  serve detectors over HTTP (uvicorn api.app:app) on $(HOST):$(PORT) with $(SERVE_CONFIG)"
 
 setup: $(STAMP)
 
-# torch first (TORCH_SPEC) so the project's `torch` requirement is already met and no CUDA build is pulled
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+# docker/install.sh: venv, pip, torch first (TORCH_SPEC) so the project's `torch` requirement is
+# already met and no CUDA build is pulled, then the project (editable, with EXTRAS)
+$(STAMP): pyproject.toml docker/install.sh
+	TORCH_SPEC='$(TORCH_SPEC)' EXTRAS='$(EXTRAS)' EDITABLE=1 PYTHON='$(PYTHON)' sh docker/install.sh $(VENV)
 	touch $@
 
 demo: setup
@@ -51,6 +56,9 @@ $(GENERATOR):
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+serve: setup
+	OODFORGE_SERVE_CONFIG=$(SERVE_CONFIG) $(BIN)/uvicorn api.app:app --host $(HOST) --port $(PORT)
 
 lint: setup
 	$(BIN)/ruff check oodforge synth trainer api tests bench

@@ -1,0 +1,156 @@
+"""Server settings: a YAML file (``configs/serve/*.yaml``) overridden by ``OODFORGE_*`` environment variables.
+
+The same config system as every other stage (YAML -> typed objects, unknown keys are errors, named by
+their dotted path). An environment variable ``OODFORGE_<KEY>`` sets a top-level key and ``__`` reaches
+into a section: ``OODFORGE_LIMITS__MAX_FILES=8`` is the override ``limits.max_files=8``. API keys are a
+comma-separated list (``OODFORGE_API_KEYS=key1,key2``). The YAML file is ``$OODFORGE_SERVE_CONFIG``
+unless one is passed.
+
+Example:
+    >>> settings = load_settings("configs/serve/demo.yaml", overrides=["detectors_dir=runs"])
+    >>> settings.limits.max_image_pixels
+    16777216
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+
+from oodforge.config import StrictModel, apply_overrides, read_yaml, validate
+
+ENV_PREFIX = "OODFORGE_"
+CONFIG_ENV = "OODFORGE_SERVE_CONFIG"
+RAW_ENV_KEYS = ("api_keys",)  # taken verbatim: a key such as "yes" or "0123" must stay a string
+
+# PIL modes that convert to RGB without guessing; everything else (16-bit, 32-bit, float) is refused
+CONVERTIBLE_MODES = ("RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr", "1")
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+
+
+class Limits(StrictModel):
+    """What one request may carry; anything above gets a 4xx that names the limit.
+
+    Attributes:
+        max_body_bytes: Largest request body; larger ones get 413 before they are read.
+        max_files: Most images in one request.
+        max_image_pixels: Largest width x height of one image, checked before decoding (decompression bombs).
+        image_modes: PIL modes accepted and converted to RGB; others (16-bit, CMYK, palette unless listed)
+            get 415 so that no image is silently reinterpreted.
+        image_formats: Image formats the decoder may open.
+    """
+
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    max_files: int = Field(64, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    image_modes: list[str] = ["RGB", "L"]
+    image_formats: list[str] = list(IMAGE_FORMATS)
+
+    @field_validator("image_modes")
+    @classmethod
+    def _known_modes(cls, modes: list[str]) -> list[str]:
+        unknown = sorted(set(modes) - set(CONVERTIBLE_MODES))
+        if unknown:
+            raise ValueError(
+                f"limits.image_modes {unknown} cannot be converted to RGB unambiguously; "
+                f"choose from {list(CONVERTIBLE_MODES)}"
+            )
+        return modes
+
+    @field_validator("image_formats")
+    @classmethod
+    def _known_formats(cls, formats: list[str]) -> list[str]:
+        upper = [f.upper() for f in formats]
+        unknown = sorted(set(upper) - set(IMAGE_FORMATS))
+        if unknown:
+            raise ValueError(
+                f"limits.image_formats {unknown} are not supported; choose from {list(IMAGE_FORMATS)}"
+            )
+        return upper
+
+
+class Batching(StrictModel):
+    """Micro-batching: a batch runs when it holds ``max_batch_size`` images or ``max_wait_ms`` after its first."""
+
+    max_batch_size: int = Field(32, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0)
+
+
+class ServeSettings(StrictModel):
+    """Everything the server needs; ``configs/serve/demo.yaml`` is a commented example.
+
+    Attributes:
+        detectors_dir: Directory whose sub-directories are detector artifacts (``NAME/detector.json``) or
+            training runs (``NAME/detector/detector.json``); the sub-directory name is the detector name.
+        detectors: Serve only these names (default: every artifact found).
+        default_detector: Used when a request names none (default: ``oal`` or ``ce`` if present, else
+            the first name in sorted order).
+        api_keys: When non-empty, ``/score`` and ``/detectors*`` need ``Authorization: Bearer <key>``.
+        device: torch device for inference.
+        torch_threads: Intra-op threads per worker process (default: torch's choice).
+    """
+
+    detectors_dir: Path = Path("runs")
+    detectors: list[str] | None = None
+    default_detector: str | None = None
+    api_keys: list[SecretStr] = []
+    device: str = "cpu"
+    torch_threads: int | None = Field(None, ge=1)
+    limits: Limits = Limits()
+    batching: Batching = Batching()
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list):
+            value = [str(k).strip() for k in value if str(k).strip()]
+        return value
+
+    @field_validator("detectors", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [n.strip() for n in value.split(",") if n.strip()]
+        return value
+
+
+def env_overrides(environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """``OODFORGE_A__B=v`` -> override ``a.b=v``; keys in :data:`RAW_ENV_KEYS` come back separately, verbatim."""
+    overrides, raw = [], {}
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        key = ".".join(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+        if key in RAW_ENV_KEYS:
+            raw[key] = value
+        else:
+            overrides.append(f"{key}={value}")
+    return overrides, raw
+
+
+def load_settings(
+    yaml_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ServeSettings:
+    """Settings from ``yaml_file`` (default ``$OODFORGE_SERVE_CONFIG``; none = defaults), then the
+    ``OODFORGE_*`` environment, then ``overrides`` (``["limits.max_files=8", ...]``).
+
+    Raises:
+        ConfigError: a missing file or a wrong key/value, naming the key and where it came from.
+    """
+    environ = os.environ if environ is None else environ
+    yaml_file = yaml_file or environ.get(CONFIG_ENV) or None
+    data = read_yaml(yaml_file) if yaml_file else {}
+    env, raw = env_overrides(environ)
+    data = apply_overrides(data, env)
+    data.update(raw)
+    data = apply_overrides(data, overrides or [])
+    source = f"{yaml_file or '(defaults)'} + {ENV_PREFIX}* environment"
+    return validate(ServeSettings, data, source=source)

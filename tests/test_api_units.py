@@ -1,0 +1,220 @@
+"""The API's parts on their own: settings, image decoding, key comparison, micro-batching, detector table."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from serving import digit_like, png_bytes
+
+from api.auth import key_matches
+from api.batching import MicroBatcher
+from api.detectors import DetectorTable, discover
+from api.images import InputError, decode_base64, decode_image
+from api.settings import CONVERTIBLE_MODES, Batching, Limits, env_overrides, load_settings
+from oodforge.config import ConfigError
+from oodforge.detector import Detector
+
+# ------------------------------------------------------------------ settings
+
+
+def test_environment_variables_map_to_dotted_keys():
+    overrides, raw = env_overrides(
+        {
+            "OODFORGE_LIMITS__MAX_FILES": "8",
+            "OODFORGE_DEFAULT_DETECTOR": "ce",
+            "OODFORGE_API_KEYS": "yes,0123",
+            "OODFORGE_SERVE_CONFIG": "x.yaml",
+            "HOME": "/root",
+        }
+    )
+    assert overrides == ["default_detector=ce", "limits.max_files=8"]
+    assert raw == {"api_keys": "yes,0123"}
+
+
+def test_yaml_then_environment_then_overrides(tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "detectors_dir: from-yaml\ndefault_detector: a\nlimits:\n  max_files: 3\n  max_body_bytes: 10\n"
+    )
+    env = {
+        "OODFORGE_SERVE_CONFIG": str(config),
+        "OODFORGE_LIMITS__MAX_FILES": "5",
+        "OODFORGE_API_KEYS": "yes, 0123 ,",
+    }
+    settings = load_settings(environ=env, overrides=["default_detector=b"])
+    assert str(settings.detectors_dir) == "from-yaml"
+    assert settings.limits.max_files == 5 and settings.limits.max_body_bytes == 10  # env wins, yaml kept
+    assert settings.default_detector == "b"
+    assert [k.get_secret_value() for k in settings.api_keys] == ["yes", "0123"]  # verbatim strings
+    assert "0123" not in repr(settings)  # keys never print
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"OODFORGE_LIMITS__MAX_FILEZ": "3"}, "unknown key 'limits.max_filez'"),
+        ({"OODFORGE_LIMITS__MAX_FILES": "-1"}, "limits.max_files"),
+        ({"OODFORGE_LIMITS__IMAGE_MODES": "[RGB, I;16]"}, "cannot be converted to RGB"),
+        ({"OODFORGE_SERVE_CONFIG": "/nonexistent/serve.yaml"}, "does not exist"),
+    ],
+)
+def test_wrong_settings_name_the_key(env, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ=env)
+
+
+def test_the_shipped_serve_config_is_valid():
+    settings = load_settings("configs/serve/demo.yaml", environ={})
+    assert settings.default_detector == "oal" and settings.limits.image_modes == ["RGB", "L"]
+
+
+# ------------------------------------------------------------------ images
+
+
+@pytest.mark.parametrize("mode", [m for m in CONVERTIBLE_MODES if m not in Limits().image_modes])
+def test_listed_modes_are_converted_to_rgb_like_pil_does(mode):
+    data = png_bytes(digit_like(0, 16).convert(mode), "TIFF")  # TIFF keeps every one of these modes
+    assert Image.open(io.BytesIO(data)).mode == mode
+    with pytest.raises(InputError) as refused:
+        decode_image(data, "x", Limits())  # not accepted by default ...
+    assert refused.value.status == 415
+    decoded = decode_image(data, "x", Limits(image_modes=["RGB", mode]))  # ... converted once allowed
+    reference = Image.open(io.BytesIO(data)).convert("RGB")
+    assert decoded.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(reference))
+
+
+def test_formats_outside_the_list_are_refused():
+    data = png_bytes(digit_like(0), "BMP")
+    assert decode_image(data, "x", Limits()).size == (28, 28)
+    with pytest.raises(InputError) as err:
+        decode_image(data, "x", Limits(image_formats=["PNG"]))
+    assert err.value.status == 415 and "PNG" in err.value.message
+
+
+def test_base64_variants():
+    assert decode_base64("aGVs\nbG8=", 0) == b"hello"
+    assert decode_base64("data:image/png;base64,aGVsbG8=", 0) == b"hello"
+    for bad in ("aGVsbG8", "data:image/png,aGVsbG8=", "!!!!"):
+        with pytest.raises(InputError) as err:
+            decode_base64(bad, 3)
+        assert err.value.status == 400 and "image 3" in err.value.message
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    data = png_bytes(Image.new("L", (50, 40)))
+    assert decode_image(data, "x", Limits(max_image_pixels=2000)).size == (50, 40)
+    with pytest.raises(InputError) as err:
+        decode_image(data, "x", Limits(max_image_pixels=1999))
+    assert err.value.status == 413 and "50x40" in err.value.message
+
+
+# ------------------------------------------------------------------ auth
+
+
+def test_key_matches_only_exact_keys():
+    keys = ["alpha", "bravo"]
+    assert key_matches("alpha", keys) and key_matches("bravo", keys)
+    for token in ("alph", "alphaa", "Alpha", "", "charlie"):
+        assert not key_matches(token, keys)
+    assert not key_matches("alpha", [])
+
+
+# ------------------------------------------------------------------ micro-batching
+
+
+def _pixels(detector: Detector, seeds: list[int]) -> torch.Tensor:
+    return torch.stack([detector.preprocess(digit_like(s)) for s in seeds])
+
+
+def test_concurrent_jobs_share_a_batch_and_get_their_own_rows(ood_assets):
+    detector = Detector.load(ood_assets.ce)
+    sizes: list[int] = []
+    jobs = [_pixels(detector, [i, i + 10]) for i in range(6)]
+
+    async def main():
+        batcher = MicroBatcher(detector, Batching(max_batch_size=8, max_wait_ms=200), on_batch=sizes.append)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(p) for p in jobs))
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(main())
+    assert sizes == [8, 4]  # four 2-image jobs fill the first batch, the other two wait for the next
+    for pixels, result in zip(jobs, results, strict=True):
+        alone = detector.predict_from_outputs(*detector.forward_batch(pixels))
+        np.testing.assert_allclose(result.scores, alone.scores, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(result.labels, alone.labels)
+
+
+def test_a_request_larger_than_a_batch_is_split(ood_assets):
+    detector = Detector.load(ood_assets.ce)
+    sizes: list[int] = []
+    pixels = _pixels(detector, list(range(10)))
+
+    async def main():
+        batcher = MicroBatcher(detector, Batching(max_batch_size=4, max_wait_ms=0), on_batch=sizes.append)
+        await batcher.start()
+        try:
+            return await batcher.submit(pixels)
+        finally:
+            await batcher.stop()
+
+    result = asyncio.run(main())
+    assert sizes == [4, 4, 2] and len(result.scores) == 10
+    whole = detector.predict_from_outputs(*detector.forward_batch(pixels))
+    np.testing.assert_allclose(result.scores, whole.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on(ood_assets):
+    detector = Detector.load(ood_assets.ce)
+    good = _pixels(detector, [0])
+
+    async def main():
+        batcher = MicroBatcher(detector, Batching(max_batch_size=4, max_wait_ms=0))
+        await batcher.start()
+        try:
+            with pytest.raises(RuntimeError):
+                await batcher.submit(torch.zeros(1, 3, 5))  # wrong rank: the model raises
+            return await batcher.submit(good)
+        finally:
+            await batcher.stop()
+
+    assert len(asyncio.run(main()).scores) == 1
+
+
+# ------------------------------------------------------------------ detector table
+
+
+def test_discovery_finds_both_layouts_and_skips_links_outside(ood_assets, tmp_path):
+    root = tmp_path / "dets"
+    shutil.copytree(ood_assets.ce, root / "plain")
+    shutil.copytree(ood_assets.ce, root / "run" / "detector")
+    (root / "empty").mkdir()
+    os.symlink(ood_assets.teacher, root / "escape")
+    found = discover(root)
+    assert sorted(found) == ["plain", "run"]
+    assert found["run"].name == "detector"
+    assert sorted(discover(root, ["run"])) == ["run"]
+
+
+def test_a_broken_artifact_is_reported_and_the_rest_still_serve(ood_assets, tmp_path):
+    root = tmp_path / "dets"
+    shutil.copytree(ood_assets.ce, root / "ce")
+    shutil.copytree(ood_assets.ce, root / "oal")
+    (root / "oal" / "model.safetensors").write_bytes(b"broken")
+    table = DetectorTable.load(load_settings(environ={}, overrides=[f"detectors_dir={root}"]))
+    assert sorted(table.detectors) == ["ce"] and "checksum" in table.failed["oal"]
+    assert table.default == "ce" and table.ready  # oal would be preferred, but it did not load
+    pinned = DetectorTable.load(
+        load_settings(environ={}, overrides=[f"detectors_dir={root}", "default_detector=oal"])
+    )
+    assert not pinned.ready and "oal" in pinned.failed
