@@ -24,7 +24,7 @@ from api.detectors import DetectorTable, UnknownDetector
 from api.images import InputError
 from api.metrics import MetricsMiddleware, ServerMetrics
 from api.routes import router
-from api.settings import ServeSettings, load_settings
+from api.settings import ServeSettings, inference_threads, load_settings
 
 log = logging.getLogger("oodforge.api")
 
@@ -55,8 +55,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(inference_threads(settings))
         table = await run_in_threadpool(DetectorTable.load, settings)
         if not table.detectors:
             log.error(

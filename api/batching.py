@@ -2,13 +2,17 @@
 
 Each request submits its pre-processed pixels (``[n, 3, H, W]``). A background task takes the first
 waiting job, keeps collecting jobs until the batch holds ``max_batch_size`` images or ``max_wait_ms``
-have passed, runs the model once in a worker thread and hands each job its rows back. A request larger
+have passed (it stops waiting at once when no other request is queued or announced as on its way, so
+a lone request pays no wait), runs the model once in a worker thread and hands each job its rows back. A request larger
 than ``max_batch_size`` is split into several jobs.
 
 Example:
     >>> batcher = MicroBatcher(detector, Batching(max_batch_size=32, max_wait_ms=5))
     >>> await batcher.start()
-    >>> prediction = await batcher.submit(pixels)  # same numbers as detector.predict on those images
+    >>> with batcher.announce():  # while the request body is read and decoded
+    ...     pixels = decode(...)
+    ...     pending = batcher.submit(pixels)
+    >>> prediction = await pending  # same numbers as detector.predict on those images
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -53,6 +57,13 @@ def concat_predictions(parts: list[Prediction]) -> Prediction:
     )
 
 
+_WAKE = object()  # queued when the last announced request has submitted (or given up)
+
+
+async def _joined(jobs: list[_Job]) -> Prediction:
+    return concat_predictions(list(await asyncio.gather(*(j.future for j in jobs))))
+
+
 class MicroBatcher:
     """Collects jobs for one detector into batches; ``on_batch(n)`` is called with each batch's size."""
 
@@ -61,10 +72,11 @@ class MicroBatcher:
         self.max_batch_size = batching.max_batch_size
         self.max_wait = batching.max_wait_ms / 1000.0
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Job | object] = asyncio.Queue()
         self._carry: deque[_Job] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{detector.name}")
         self._task: asyncio.Task[None] | None = None
+        self._incoming = 0
 
     async def start(self) -> None:
         if self._task is None:
@@ -76,10 +88,21 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, pixels: torch.Tensor) -> Prediction:
-        """Score pre-processed pixels ``[n, 3, H, W]``; returns their :class:`Prediction` in order."""
+    @contextlib.contextmanager
+    def announce(self) -> Iterator[None]:
+        """Mark a request that is on its way (reading, decoding): an open batch waits for it."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            if self._incoming == 0:
+                self._queue.put_nowait(_WAKE)  # an open batch stops waiting for nobody
+
+    def submit(self, pixels: torch.Tensor) -> asyncio.Future[Prediction]:
+        """Queue pre-processed pixels ``[n, 3, H, W]`` now; the future gives their :class:`Prediction`."""
         if self._task is None:
             raise RuntimeError("MicroBatcher.start() was not awaited")
         loop = asyncio.get_running_loop()
@@ -88,13 +111,14 @@ class MicroBatcher:
             job = _Job(pixels[start : start + self.max_batch_size], loop.create_future())
             self._queue.put_nowait(job)
             jobs.append(job)
-        return concat_predictions(list(await asyncio.gather(*(j.future for j in jobs))))
+        return asyncio.ensure_future(_joined(jobs))
 
     def _infer(self, pixels: torch.Tensor) -> Prediction:
         logits, features = self.detector.forward_batch(pixels)
         return self.detector.predict_from_outputs(logits, features)
 
-    async def _next_job(self, timeout: float | None) -> _Job | None:
+    async def _next_item(self, timeout: float | None) -> _Job | object | None:
+        """A job or a wake-up marker; ``None`` when ``timeout`` passes first."""
         if self._carry:
             return self._carry.popleft()
         if timeout is None:
@@ -110,20 +134,36 @@ class MicroBatcher:
 
     async def _collect(self) -> list[_Job]:
         loop = asyncio.get_running_loop()
-        first = await self._next_job(None)
-        assert first is not None
+        first = await self._next_item(None)
+        while not isinstance(first, _Job):
+            first = await self._next_item(None)
         jobs, size = [first], len(first.pixels)
         deadline = loop.time() + self.max_wait
         while size < self.max_batch_size:
-            job = await self._next_job(max(0.0, deadline - loop.time()))
-            if job is None:
+            if not self._carry and self._queue.empty() and self._incoming == 0:
+                break  # nobody else is on the way: waiting would only add latency
+            item = await self._next_item(max(0.0, deadline - loop.time()))
+            if item is None:
                 break
-            if size + len(job.pixels) > self.max_batch_size:
-                self._carry.append(job)
+            if not isinstance(item, _Job):
+                continue  # a wake-up: check again who is still on the way
+            if size + len(item.pixels) > self.max_batch_size:
+                self._carry.append(item)
                 break
-            jobs.append(job)
-            size += len(job.pixels)
+            jobs.append(item)
+            size += len(item.pixels)
         return [j for j in jobs if not j.future.cancelled()]
+
+    @property
+    def alive(self) -> bool:
+        """False once the background task has ended (``/readyz`` turns 503)."""
+        return self._task is not None and not self._task.done()
+
+    def _batch(self, jobs: list[_Job]) -> Prediction:
+        pixels = torch.cat([j.pixels for j in jobs])
+        if self.on_batch is not None:
+            self.on_batch(len(pixels))
+        return self._infer(pixels)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -131,12 +171,9 @@ class MicroBatcher:
             jobs = await self._collect()
             if not jobs:
                 continue
-            pixels = torch.cat([j.pixels for j in jobs])
-            if self.on_batch is not None:
-                self.on_batch(len(pixels))
             try:
-                prediction = await loop.run_in_executor(self._executor, self._infer, pixels)
-            except Exception as err:  # noqa: BLE001 - hand the failure to every waiting request
+                prediction = await loop.run_in_executor(self._executor, self._batch, jobs)
+            except Exception as err:  # noqa: BLE001 - hand the failure to every waiting request, go on
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(err)

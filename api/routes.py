@@ -25,6 +25,7 @@ from api.uploads import decode_batch, read_uploads
 from oodforge.detector import Detector
 
 router = APIRouter()
+INLINE_DECODE_BYTES = 64 * 1024  # smaller requests are decoded on the event loop (tens of microseconds)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
@@ -97,16 +98,22 @@ async def score(
     detector: Annotated[
         str | None, Query(description="detector name (default: the server's default)")
     ] = None,
-) -> ScoreResponse:
+) -> Response:
     state = request.app.state
     name, model = state.table.get(detector)
     limits = state.settings.limits
-    uploads = await read_uploads(request, limits)
-    pixels = await run_in_threadpool(decode_batch, uploads, model.preprocess, limits)
-    prediction = await state.batchers[name].submit(pixels)
+    batcher = state.batchers[name]
+    with batcher.announce():  # an open batch waits for this request while it is read and decoded
+        uploads = await read_uploads(request, limits)
+        if sum(len(data) for _, data in uploads) <= INLINE_DECODE_BYTES:  # cheaper than a thread hop
+            pixels = decode_batch(uploads, model.preprocess, limits)
+        else:
+            pixels = await run_in_threadpool(decode_batch, uploads, model.preprocess, limits)
+        pending = batcher.submit(pixels)
+    prediction = await pending
     state.metrics.observe_verdicts(name, prediction.is_ood)
     labels = prediction.label_names()
-    return ScoreResponse(
+    body = ScoreResponse(
         detector=detector_ref(name, model),
         threshold=threshold_info(model),
         results=[
@@ -122,6 +129,7 @@ async def score(
             for i, (filename, _) in enumerate(uploads)
         ],
     )
+    return Response(body.model_dump_json(), media_type="application/json")  # built typed: no re-validation
 
 
 @router.get(
@@ -158,10 +166,13 @@ async def healthz() -> Status:
 async def readyz(request: Request) -> Any:
     """200 once the default detector is loaded, 503 (with the reasons) otherwise."""
     table = request.app.state.table
-    body = Status(
-        status="ready" if table.ready else "not ready", detectors=sorted(table.detectors), failed=table.failed
-    )
-    return body if table.ready else JSONResponse(body.model_dump(), status_code=503)
+    failed = dict(table.failed)
+    for name, batcher in request.app.state.batchers.items():
+        if not batcher.alive:
+            failed[name] = "its batching task stopped; restart the server (the log has the error)"
+    ready = table.ready and table.default not in failed
+    body = Status(status="ready" if ready else "not ready", detectors=sorted(table.detectors), failed=failed)
+    return body if ready else JSONResponse(body.model_dump(), status_code=503)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})

@@ -91,7 +91,8 @@ class ServeSettings(StrictModel):
             the first name in sorted order).
         api_keys: When non-empty, ``/score`` and ``/detectors*`` need ``Authorization: Bearer <key>``.
         device: torch device for inference.
-        torch_threads: Intra-op threads per worker process (default: torch's choice).
+        torch_threads: Intra-op threads per worker process (default: CPU cores / ``$WEB_CONCURRENCY``,
+            uvicorn's worker-count variable, so that workers do not oversubscribe the cores).
     """
 
     detectors_dir: Path = Path("runs")
@@ -118,6 +119,15 @@ class ServeSettings(StrictModel):
         if isinstance(value, str):
             return [n.strip() for n in value.split(",") if n.strip()]
         return value
+
+
+def inference_threads(settings: ServeSettings, environ: Mapping[str, str] | None = None) -> int:
+    """``settings.torch_threads``, else the CPU cores shared out among ``$WEB_CONCURRENCY`` workers."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    environ = os.environ if environ is None else environ
+    workers = int(environ.get("WEB_CONCURRENCY", "1")) if environ.get("WEB_CONCURRENCY", "").isdigit() else 1
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def env_overrides(environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:

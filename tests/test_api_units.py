@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from api.auth import key_matches
 from api.batching import MicroBatcher
 from api.detectors import DetectorTable, discover
 from api.images import InputError, decode_base64, decode_image
-from api.settings import CONVERTIBLE_MODES, Batching, Limits, env_overrides, load_settings
+from api.settings import CONVERTIBLE_MODES, Batching, Limits, env_overrides, inference_threads, load_settings
 from oodforge.config import ConfigError
 from oodforge.detector import Detector
 
@@ -218,3 +219,40 @@ def test_a_broken_artifact_is_reported_and_the_rest_still_serve(ood_assets, tmp_
         load_settings(environ={}, overrides=[f"detectors_dir={root}", "default_detector=oal"])
     )
     assert not pinned.ready and "oal" in pinned.failed
+
+
+def test_workers_share_the_cores_among_their_torch_threads():
+    cores = os.cpu_count() or 1
+    settings = load_settings(environ={})
+    assert inference_threads(settings, {}) == cores
+    assert inference_threads(settings, {"WEB_CONCURRENCY": str(cores * 2)}) == 1
+    assert inference_threads(settings, {"WEB_CONCURRENCY": "junk"}) == cores
+    pinned = load_settings(environ={"OODFORGE_TORCH_THREADS": "3"})
+    assert inference_threads(pinned, {"WEB_CONCURRENCY": "8"}) == 3
+
+
+def test_a_lone_request_does_not_wait_and_an_announced_one_is_waited_for(ood_assets):
+    detector = Detector.load(ood_assets.ce)
+    sizes: list[int] = []
+    one, two = _pixels(detector, [0]), _pixels(detector, [1])
+
+    async def main():
+        batcher = MicroBatcher(detector, Batching(max_batch_size=8, max_wait_ms=3000), on_batch=sizes.append)
+        await batcher.start()
+        try:
+            start = time.perf_counter()
+            await batcher.submit(one)  # nobody else queued or announced: runs at once
+            lone = time.perf_counter() - start
+            start = time.perf_counter()
+            with batcher.announce():  # a request still reading its body...
+                first = batcher.submit(one)
+                await asyncio.sleep(0.2)  # ...keeps the open batch waiting
+                second = batcher.submit(two)
+            await asyncio.gather(first, second)  # and its end wakes the batch up before max_wait
+            return lone, time.perf_counter() - start
+        finally:
+            await batcher.stop()
+
+    lone, announced = asyncio.run(main())
+    assert sizes == [1, 2]
+    assert lone < 1.0 and 0.2 <= announced < 1.5  # far below the 3 s max_wait either way
