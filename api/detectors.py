@@ -86,7 +86,11 @@ class DetectorTable:
         if default is None:
             default = next((n for n in PREFERRED_DEFAULTS if n in detectors), min(detectors, default=None))
         elif default not in detectors:
-            failed.setdefault(default, f"default detector {default!r} is not among the loaded ones")
+            failed.setdefault(
+                default,
+                f"default detector {default!r} is not among the loaded ones ({', '.join(sorted(detectors)) or 'none'}); "
+                "set default_detector to one of them or export that detector",
+            )
             log.error("default detector %s is not loaded", default)
         return cls(detectors=detectors, default=default, failed=failed, root=root)
 

@@ -84,7 +84,7 @@ def decode_image(data: bytes, filename: str | None, limits: Limits, index: int =
             f"{limits.max_image_pixels}; resize it first (the detector works at a small size anyway)",
         )
     if width == 0 or height == 0:
-        raise InputError(400, f"{what} has no pixels ({width}x{height})")
+        raise InputError(400, f"{what} has no pixels ({width}x{height}); send an image with content")
     if getattr(image, "n_frames", 1) > 1:
         raise InputError(
             415, f"{what} is animated ({image.n_frames} frames); send a single frame as PNG or JPEG"

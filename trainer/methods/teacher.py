@@ -13,14 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from oodforge.backbones import BackboneConfig, Classifier, HeadConfig, build_classifier
 from oodforge.config import ConfigError, StrictModel
 from oodforge.tokens import load_class_anchors
-from trainer.methods.base import METHODS, Method
+from trainer.methods.base import METHODS
+from trainer.methods.ce import CrossEntropy
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
@@ -89,7 +88,7 @@ def check_generator(generator: str | Path, revision: str | None = None) -> None:
 
 
 @METHODS.register("teacher")
-class TextAlignedTeacher(Method):
+class TextAlignedTeacher(CrossEntropy):  # the loss is CE, over the cosine head's logits
     """L = CE(f, y) with f_j = cos(P(h(x)), T(y_j)) / τ and T(y) the generator's class anchors."""
 
     Config = TeacherArgs
@@ -113,14 +112,3 @@ class TextAlignedTeacher(Method):
             update={"head": HeadConfig(name="cosine", tau=args.tau)}
         )
         return build_classifier(model_cfg, len(class_names), anchors=anchors)
-
-    def loss(
-        self,
-        model: Classifier,
-        batch: tuple[torch.Tensor, torch.Tensor],
-        outliers: dict[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        images, labels = batch
-        logits, _ = model(images)
-        loss = F.cross_entropy(logits, labels)
-        return loss, {"ce": loss.item()}
