@@ -18,37 +18,41 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import platform
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from oodforge.artifacts import (
+    ARTIFACT_KINDS,
+    FORMAT_VERSION,
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    ArtifactError,
+    library_versions,
+    prefixed,
+    read_spec,
+    read_weights,
+    write_artifact,
+)
 from oodforge.backbones import ANCHORS_KEY, Classifier, HeadConfig, classifier_from_config, config_to_dict
 from oodforge.config import StrictModel
 from oodforge.data.transforms import Preprocess
 from oodforge.scores import Score, build_score
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-SPEC_FILE = "detector.json"
-
-
-class ArtifactError(RuntimeError):
-    """A detector directory is missing, incomplete, tampered with or of an unknown format."""
+__all__ = [
+    "SPEC_FILE",
+    "WEIGHTS_FILE",
+    "ArtifactError",
+    "Detector",
+    "DetectorSpec",
+    "Prediction",
+    "build_spec",
+]
 
 
 class ScoreSpec(StrictModel):
@@ -72,6 +76,7 @@ class DetectorSpec(StrictModel):
     """The content of ``detector.json``."""
 
     format_version: int = FORMAT_VERSION
+    kind: Literal["classifier"] = "classifier"
     name: str
     backbone: dict[str, Any]
     head: HeadConfig = HeadConfig()  # artifacts written before heads were configurable are linear
@@ -98,24 +103,6 @@ class Prediction:
 
     def label_names(self) -> list[str]:
         return [self.class_names[i] for i in self.labels]
-
-
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("oodforge", "torch", "transformers", "safetensors", "faiss-cpu", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Detector:
@@ -182,6 +169,10 @@ class Detector:
             features.append(fe)
         return self.predict_from_outputs(torch.cat(logits), torch.cat(features))
 
+    def predict_pixels(self, pixel_values: torch.Tensor) -> Prediction:
+        """:class:`Prediction` of already pre-processed pixels ``[N, 3, S, S]`` (one forward pass)."""
+        return self.predict_from_outputs(*self.forward_batch(pixel_values))
+
     def predict_from_outputs(self, logits: torch.Tensor, features: torch.Tensor) -> Prediction:
         scores = self.score(logits, features).numpy().astype(np.float64)
         probs = logits.softmax(dim=1)
@@ -197,55 +188,18 @@ class Detector:
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
         """Write the artifact atomically (temp dir + rename); an existing directory is replaced."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            tensors = {
-                f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
-            }
-            tensors.update(
-                {f"score.{k}": v.detach().cpu().contiguous() for k, v in self.score.state_dict().items()}
-            )
-            save_file(
-                tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "oodforge": str(FORMAT_VERSION)}
-            )
-            self.spec = self.spec.model_copy(update={"weights_sha256": _sha256(tmp / WEIGHTS_FILE)})
-            (tmp / SPEC_FILE).write_text(self.spec.model_dump_json(indent=2))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"score.{k}": v for k, v in self.score.state_dict().items()})
+        self.spec = write_artifact(path, tensors, self.spec)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Detector:
         """Load an artifact directory; raises :class:`ArtifactError` saying what is wrong and what to do."""
         path = Path(path)
-        if not path.is_dir():
-            raise ArtifactError(f"detector directory {path} does not exist (train one: make demo)")
-        spec = _read_spec(path)
-        weights = path / WEIGHTS_FILE
-        if not weights.is_file():
-            raise ArtifactError(f"{weights} is missing; the artifact is incomplete, re-export the detector")
-        if verify and _sha256(weights) != spec.weights_sha256:
-            raise ArtifactError(
-                f"{weights} does not match the checksum in {SPEC_FILE}: the file was modified or corrupted; "
-                "re-export the detector (or pass verify=False if you changed it on purpose)"
-            )
-        try:
-            tensors = load_file(str(weights))
-        except (SafetensorError, OSError) as err:
-            raise ArtifactError(
-                f"{weights} is not a readable safetensors file ({err}); re-export it"
-            ) from None
-        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        spec = read_spec(path, DetectorSpec)
+        tensors = read_weights(path, spec.weights_sha256, verify)
+        model_state = prefixed(tensors, "model")
         try:
             # a cosine head's class anchors are part of its weights
             model = classifier_from_config(spec.backbone, spec.head, anchors=model_state.get(ANCHORS_KEY))
@@ -254,36 +208,15 @@ class Detector:
         try:
             model.load_state_dict(model_state, strict=True)
         except RuntimeError as err:
-            raise ArtifactError(f"{weights} does not fit the backbone in {SPEC_FILE}: {err}") from None
+            raise ArtifactError(
+                f"{path / WEIGHTS_FILE} does not fit the backbone in {SPEC_FILE}: {err}"
+            ) from None
         try:
             score = build_score(spec.score.name, **spec.score.params)
-            score.load_state_dict(
-                {k[len("score.") :]: v for k, v in tensors.items() if k.startswith("score.")}
-            )
+            score.load_state_dict(prefixed(tensors, "score"))
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"score {spec.score.name!r} in {path} cannot be restored: {err}") from None
         return cls(model, score, spec, device=device)
-
-
-def _read_spec(path: Path) -> DetectorSpec:
-    spec_file = path / SPEC_FILE
-    if not spec_file.is_file():
-        raise ArtifactError(f"{spec_file} is missing; {path} is not a detector artifact")
-    try:
-        data = json.loads(spec_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{spec_file} is not valid JSON ({err}); re-export the detector") from None
-    if isinstance(data, dict) and data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{spec_file} has format_version {data['format_version']}; upgrade oodforge to load it"
-        )
-    try:
-        return DetectorSpec.model_validate(data)
-    except ValidationError as err:
-        keys = ", ".join(".".join(map(str, e["loc"])) for e in err.errors())
-        raise ArtifactError(
-            f"{spec_file} is malformed (problem with: {keys}); re-export the detector"
-        ) from None
 
 
 def build_spec(
@@ -312,3 +245,6 @@ def build_spec(
         weights_sha256="",
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+ARTIFACT_KINDS.register("classifier")(Detector)
