@@ -4,6 +4,8 @@ CLI::
 
     python -m trainer.evaluate --detector runs/ce/detector --benchmark mnist-open --out eval.json \
         --scores msp,energy,knn
+    python -m trainer.evaluate --detector runs/dense_flow/detector --benchmark mnist-scenes \
+        --scores js,msp,energy --report eval_dense/      # dense detectors: pixel AP, FPR@95, AUROC, mIoU
 
 Each split is run through the network once; every score is computed from the cached logits and
 features. Scores that need fitting (knn, mahalanobis) are fitted on the benchmark's ID train split,
@@ -135,12 +137,20 @@ def _parse_scores(text: str | None) -> list[str] | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[1])
     parser.add_argument("--detector", required=True, type=Path, help="detector artifact directory")
-    parser.add_argument("--benchmark", default="mnist-open", help="benchmark name (default: mnist-open)")
+    parser.add_argument(
+        "--benchmark",
+        default="mnist-open",
+        help="benchmark name (default: mnist-open); mnist-scenes for a dense detector",
+    )
     parser.add_argument("--root", type=Path, default=None, help="data root for imagefolder/cifar benchmarks")
     parser.add_argument(
         "--seed", type=int, default=None, help="benchmark split seed (default: the detector's)"
     )
-    parser.add_argument("--scores", default=None, help="comma-separated scores (default: the detector's own)")
+    parser.add_argument(
+        "--scores",
+        default=None,
+        help="comma-separated scores (default: the detector's own); per-pixel js,msp,energy for dense detectors",
+    )
     parser.add_argument("--out", type=Path, default=Path("eval.json"), help="where to write the JSON result")
     parser.add_argument(
         "--report", type=Path, default=None, help="also write report.md + plots into this dir"
@@ -149,13 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    from oodforge.detector import ArtifactError, Detector
+    from oodforge.artifacts import ArtifactError, load_artifact
+    from oodforge.data.mnist_scenes import DENSE_BENCHMARKS
+    from oodforge.dense_detector import DenseDetector
     from trainer.report import write_report
 
     try:
+        detector = load_artifact(args.detector, device=args.device)
+        if isinstance(detector, DenseDetector) or args.benchmark in DENSE_BENCHMARKS:
+            from trainer.dense_eval import main_dense
+
+            return main_dense(detector, args)
         names = _parse_scores(args.scores)
-        detector = Detector.load(args.detector, device=args.device)
-    except (ArtifactError, KeyError) as err:
+    except (ArtifactError, KeyError, ValueError) as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
     names = names or [detector.spec.score.name]
