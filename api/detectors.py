@@ -1,13 +1,15 @@
 """The detectors a server holds: found under one directory, loaded once, looked up by name in memory.
 
 A name is a sub-directory of ``detectors_dir`` holding an artifact (``NAME/detector.json``) or a
-training run (``NAME/detector/detector.json``). Requests only ever index the in-memory table, so no
-request-supplied name touches the file system; discovery also skips links that lead outside the
-directory.
+training run (``NAME/detector/detector.json``); classifier and dense artifacts are told apart by the
+``kind`` of their ``detector.json`` (:func:`~oodforge.artifacts.load_artifact`). Requests only ever
+index the in-memory table, so no request-supplied name touches the file system; discovery also skips
+links that lead outside the directory.
 
 Example:
     >>> table = DetectorTable.load(settings)
-    >>> table.get("oal").predict([image])
+    >>> name, detector = table.get("oal")
+    >>> detector.predict([image])
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from api.settings import ServeSettings
-from oodforge.detector import SPEC_FILE, ArtifactError, Detector
+from oodforge.artifacts import SPEC_FILE, ArtifactError, load_artifact
+from oodforge.dense_detector import DenseDetector, DensePrediction
+from oodforge.detector import Detector, Prediction
 
 log = logging.getLogger("oodforge.api")
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PREFERRED_DEFAULTS = ("oal", "ce")
+
+ServedDetector = Detector | DenseDetector
+AnyPrediction = Prediction | DensePrediction
 
 
 class UnknownDetector(LookupError):
@@ -61,7 +68,7 @@ def discover(root: Path, names: list[str] | None = None) -> dict[str, Path]:
 class DetectorTable:
     """Loaded detectors by name, the default name, and the ones that failed to load (with why)."""
 
-    detectors: dict[str, Detector]
+    detectors: dict[str, ServedDetector]
     default: str | None
     failed: dict[str, str] = field(default_factory=dict)
     root: Path = Path(".")
@@ -74,11 +81,11 @@ class DetectorTable:
         for name in settings.detectors or []:
             if name not in paths:
                 failed[name] = f"no detector artifact at {root / name} (or {root / name / 'detector'})"
-        detectors: dict[str, Detector] = {}
+        detectors: dict[str, ServedDetector] = {}
         for name, path in paths.items():
             try:
-                detectors[name] = Detector.load(path, device=settings.device)
-                log.info("loaded detector %s from %s", name, path)
+                detectors[name] = load_artifact(path, device=settings.device)
+                log.info("loaded %s detector %s from %s", detectors[name].spec.kind, name, path)
             except ArtifactError as err:
                 failed[name] = str(err)
                 log.error("cannot load detector %s: %s", name, err)
@@ -98,7 +105,11 @@ class DetectorTable:
     def ready(self) -> bool:
         return self.default is not None and self.default in self.detectors
 
-    def get(self, name: str | None) -> tuple[str, Detector]:
+    def names_of_kind(self, kind: str) -> list[str]:
+        """The sorted names of the loaded detectors whose artifact kind is ``kind``."""
+        return sorted(n for n, d in self.detectors.items() if d.spec.kind == kind)
+
+    def get(self, name: str | None) -> tuple[str, ServedDetector]:
         """The detector called ``name`` (the default when ``None``), or :class:`UnknownDetector`."""
         name = name or self.default
         if name is None or name not in self.detectors:

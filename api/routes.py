@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -10,7 +11,11 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.auth import require_api_key
+from api.detectors import ServedDetector
+from api.images import InputError
+from api.kinds import kind_of, maps_refused
 from api.schemas import (
+    AnomalyMap,
     DetectorInfo,
     DetectorList,
     DetectorRef,
@@ -22,15 +27,15 @@ from api.schemas import (
     ThresholdInfo,
 )
 from api.uploads import decode_batch, read_uploads
-from oodforge.detector import Detector
 
 router = APIRouter()
 INLINE_DECODE_BYTES = 64 * 1024  # smaller requests are decoded on the event loop (tens of microseconds)
+T = TypeVar("T")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
-        400: "empty, corrupt or truncated image, bad base64, malformed body",
+        400: "empty, corrupt or truncated image, bad base64, malformed body, maps=true on a classifier",
         401: "missing or invalid API key",
         404: "unknown detector",
         413: "body, image count or image pixels above the server's limits",
@@ -57,15 +62,22 @@ _SCORE_BODY = {
 }
 
 
-def detector_ref(name: str, detector: Detector) -> DetectorRef:
+_MAPS_DOC = (
+    "dense detectors only: also return each image's anomaly map (`results[i].map`: a grey PNG, base64, "
+    "the size of that input image, 255 = most anomalous; `encoding` says how scores map to values). "
+    "Off by default, which keeps responses small; a classifier detector answers 400"
+)
+
+
+def detector_ref(name: str, detector: ServedDetector) -> DetectorRef:
     return DetectorRef(name=name, version=detector.spec.weights_sha256[:12], created=detector.spec.created)
 
 
-def threshold_info(detector: Detector) -> ThresholdInfo:
+def threshold_info(detector: ServedDetector) -> ThresholdInfo:
     t = detector.spec.threshold
     return ThresholdInfo(
         value=t.value,
-        score=detector.spec.score.name,
+        score=kind_of(detector).score_name(detector),
         split=t.split,
         target_id_tpr=t.target_id_tpr,
         n_samples=t.n_samples,
@@ -73,16 +85,23 @@ def threshold_info(detector: Detector) -> ThresholdInfo:
     )
 
 
-def detector_info(name: str, detector: Detector, default: str | None) -> DetectorInfo:
+def detector_info(name: str, detector: ServedDetector, default: str | None) -> DetectorInfo:
+    kind = kind_of(detector)
     return DetectorInfo(
         detector=detector_ref(name, detector),
+        kind=kind.name,
         default=name == default,
-        classes=detector.class_names,
-        score=detector.spec.score.model_dump(),
+        classes=detector.spec.class_names,
+        score=kind.score(detector),
         threshold=threshold_info(detector),
         input_size=detector.preprocess.size,
         metrics=detector.spec.metrics,
     )
+
+
+async def _off_loop_unless(cheap: bool, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the event loop when ``cheap`` (cheaper than a thread hop), else in the threadpool."""
+    return fn(*args) if cheap else await run_in_threadpool(fn, *args)
 
 
 @router.post(
@@ -91,28 +110,32 @@ def detector_info(name: str, detector: Detector, default: str | None) -> Detecto
     dependencies=[Depends(require_api_key)],
     responses=_ERRORS,
     openapi_extra=_SCORE_BODY,
-    summary="Score images: an OOD verdict per image",
+    summary="Score images: an OOD verdict per image (and, from dense detectors, an anomaly map)",
 )
 async def score(
     request: Request,
     detector: Annotated[
         str | None, Query(description="detector name (default: the server's default)")
     ] = None,
+    maps: Annotated[bool, Query(description=_MAPS_DOC)] = False,
 ) -> Response:
     state = request.app.state
     name, model = state.table.get(detector)
+    kind = kind_of(model)
+    if maps and not kind.has_maps:
+        raise InputError(400, maps_refused(name, kind, state.table.names_of_kind("dense")))
     limits = state.settings.limits
     batcher = state.batchers[name]
     with batcher.announce():  # an open batch waits for this request while it is read and decoded
         uploads = await read_uploads(request, limits)
-        if sum(len(data) for _, data in uploads) <= INLINE_DECODE_BYTES:  # cheaper than a thread hop
-            pixels = decode_batch(uploads, model.preprocess, limits)
-        else:
-            pixels = await run_in_threadpool(decode_batch, uploads, model.preprocess, limits)
-        pending = batcher.submit(pixels)
+        cheap = sum(len(data) for _, data in uploads) <= INLINE_DECODE_BYTES
+        decoded = await _off_loop_unless(cheap, decode_batch, uploads, model.preprocess, limits)
+        pending = batcher.submit(decoded.pixels)
     prediction = await pending
     state.metrics.observe_verdicts(name, prediction.is_ood)
-    labels = prediction.label_names()
+    anomaly: list[AnomalyMap | None] = (
+        list(await kind.maps(model, prediction, decoded.sizes)) if maps else [None] * len(uploads)
+    )
     body = ScoreResponse(
         detector=detector_ref(name, model),
         threshold=threshold_info(model),
@@ -123,10 +146,13 @@ async def score(
                 is_ood=bool(prediction.is_ood[i]),
                 score=float(prediction.scores[i]),
                 threshold=model.threshold,
-                label=labels[i],
-                confidence=float(prediction.confidences[i]),
+                label=label,
+                confidence=confidence,
+                map=anomaly[i],
             )
-            for i, (filename, _) in enumerate(uploads)
+            for i, ((filename, _), (label, confidence)) in enumerate(
+                zip(uploads, kind.labels(prediction), strict=True)
+            )
         ],
     )
     return Response(body.model_dump_json(), media_type="application/json")  # built typed: no re-validation

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
+
+from oodforge.dense_detector import MAP_ENCODING
 
 
 class ScoreRequest(BaseModel):
@@ -14,14 +17,48 @@ class ScoreRequest(BaseModel):
     filenames: list[str | None] | None = Field(None, description="optional names echoed back per image")
 
 
+class AnomalyMap(BaseModel):
+    """A dense detector's per-pixel verdict on one image, as a grey PNG the size of that image."""
+
+    png_base64: str = Field(..., description="base64 of an 8-bit grey (mode L) PNG; 255 = most anomalous")
+    shape: tuple[int, int] = Field(..., description="[height, width] of the PNG: the input image's size")
+    encoding: str = Field(..., description=f"how pixel scores become PNG values: {MAP_ENCODING}")
+    range: tuple[float, float] = Field(
+        ..., description="[lo, hi] of the encoding: scores >= hi are 0, scores <= lo are 255"
+    )
+    pixel_threshold: float = Field(
+        ...,
+        description="pixels scoring below it are anomalous; in the PNG, values above "
+        "255 * (hi - pixel_threshold) / (hi - lo)",
+    )
+    pixel_score: str = Field(..., description="the per-pixel score (higher = more in-distribution)")
+
+
+def _absent_when_none(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)  # the field is left out of the JSON, never sent as null
+
+
 class ImageResult(BaseModel):
     index: int = Field(..., description="position of the image in the request")
     filename: str | None
     is_ood: bool = Field(..., description="score < threshold")
     score: float = Field(..., description="higher = more in-distribution")
     threshold: float
-    label: str = Field(..., description="the predicted ID class (meaningful when is_ood is false)")
-    confidence: float = Field(..., description="softmax probability of that class")
+    label: str | None = Field(
+        ...,
+        description="classifier detectors only (null for dense ones): the predicted ID class "
+        "(meaningful when is_ood is false)",
+    )
+    confidence: float | None = Field(
+        ..., description="classifier detectors only (null for dense ones): softmax probability of that class"
+    )
+    map: AnomalyMap | SkipJsonSchema[None] = Field(
+        None,
+        exclude_if=lambda value: value is None,
+        json_schema_extra=_absent_when_none,
+        description="only with POST /score?maps=true on a dense detector: the image's anomaly map; "
+        "absent otherwise",
+    )
 
 
 class DetectorRef(BaseModel):
@@ -32,7 +69,11 @@ class DetectorRef(BaseModel):
 
 class ThresholdInfo(BaseModel):
     value: float
-    score: str = Field(..., description="the OOD score the threshold applies to")
+    score: str = Field(
+        ...,
+        description="the OOD score the threshold applies to (dense detectors: the pixel score, pooled "
+        "over the image as the detector's score.pooling says)",
+    )
     split: str = Field(..., description="ID split the threshold was calibrated on")
     target_id_tpr: float = Field(..., description="share of ID images of that split accepted as ID")
     n_samples: int
@@ -47,9 +88,20 @@ class ScoreResponse(BaseModel):
 
 class DetectorInfo(BaseModel):
     detector: DetectorRef
+    kind: str = Field(
+        ...,
+        description="'classifier' (a label per image) or 'dense' (a segmenter: a per-pixel score map "
+        "per image, returned by POST /score?maps=true)",
+    )
     default: bool
-    classes: list[str]
-    score: dict[str, Any]
+    classes: list[str] = Field(
+        ..., description="classifier: the ID classes; dense: the segmentation classes, background first"
+    )
+    score: dict[str, Any] = Field(
+        ...,
+        description="classifier: the OOD score's name and params; dense: the pixel score's name, its "
+        "pooling into the image score, the pixel threshold and the map's range",
+    )
     threshold: ThresholdInfo
     input_size: int
     metrics: dict[str, Any]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NamedTuple
 
 import torch
 from pydantic import ValidationError
@@ -121,8 +122,26 @@ async def read_uploads(request: Request, limits: Limits) -> list[Upload]:
     return uploads
 
 
-def decode_batch(uploads: list[Upload], preprocess: Preprocess, limits: Limits) -> torch.Tensor:
-    """Decode and pre-process every upload (CPU work: call it off the event loop)."""
-    return torch.stack(
-        [preprocess(decode_image(data, name, limits, index=i)) for i, (name, data) in enumerate(uploads)]
-    )
+class DecodedBatch(NamedTuple):
+    """The model input of a request's images and each image's original size.
+
+    Attributes:
+        pixels: Pre-processed pixels ``[n, 3, S, S]``, in upload order.
+        sizes: ``(height, width)`` of each decoded image, in upload order (what a dense map is resized to).
+    """
+
+    pixels: torch.Tensor
+    sizes: list[tuple[int, int]]
+
+
+def decode_batch(uploads: list[Upload], preprocess: Preprocess, limits: Limits) -> DecodedBatch:
+    """Decode and pre-process every upload, once each (CPU work: call it off the event loop).
+
+    Only one full-size decoded image is held at a time; what is kept of it is its model input and size.
+    """
+    pixels, sizes = [], []
+    for i, (name, data) in enumerate(uploads):
+        image = decode_image(data, name, limits, index=i)
+        pixels.append(preprocess(image))
+        sizes.append((image.height, image.width))
+    return DecodedBatch(pixels=torch.stack(pixels), sizes=sizes)
