@@ -133,3 +133,17 @@ def test_flow_source_sample_is_differentiable_in_training_step(tmp_path: Path) -
     loss.backward()
     assert parts["negative_px"] > 0 and "flow_loss" in parts and parts["flow_loss"] == 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in sources["flow"].parameters())
+
+
+def test_partial_overrides_keep_the_dense_defaults() -> None:
+    """Overriding one key of a section must not reset its other keys to another class's defaults."""
+    from oodforge.config import load_config
+    from trainer.train_dense import DenseTrainConfig
+
+    overrides = ["train.epochs=3", "optim.lr=0.01", "preprocess.mean=[0.4, 0.4, 0.4]"]
+    cfg = load_config(REPO / "configs/train/dense.yaml", DenseTrainConfig, overrides)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.eval_batch_size) == (3, 16, 128)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("adamw", 0.01, 1e-4)
+    assert cfg.preprocess.size == 64 and cfg.preprocess.mean == (0.4, 0.4, 0.4)
+    bare = DenseTrainConfig.model_validate({"train": {"epochs": 2}, "optim": {"lr": 0.1}})
+    assert bare.train.batch_size == 16 and bare.optim.name == "adamw"
