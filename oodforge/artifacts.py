@@ -25,8 +25,10 @@ import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from oodforge.config import StrictModel
+from oodforge.data.transforms import Preprocess
 from oodforge.registry import Registry
 
 FORMAT_VERSION = 1
@@ -146,6 +148,43 @@ class Loadable(Protocol):
 
 
 ARTIFACT_KINDS: Registry[type[Loadable]] = Registry("detector kind")
+
+
+class ArtifactDetector:
+    """What both detector kinds share: a model, its ``detector.json`` spec, the device, and ``save``.
+
+    Subclasses add inference and ``load``; :meth:`tensors` says what goes into ``model.safetensors``.
+    """
+
+    def __init__(self, model: nn.Module, spec: Any, device: str | torch.device = "cpu") -> None:
+        self.model = model.eval().to(device)
+        self.spec = spec
+        self.device = torch.device(device)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def threshold(self) -> float:
+        return self.spec.threshold.value
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.spec.class_names
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.spec.preprocess
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The weights file's content: the model's state under ``model.``."""
+        return {f"model.{k}": v for k, v in self.model.state_dict().items()}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the artifact atomically (temp dir + rename); an existing directory is replaced."""
+        self.spec = write_artifact(path, self.tensors(), self.spec)
+        return Path(path)
 
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Any:

@@ -36,12 +36,12 @@ from pydantic import model_validator
 from oodforge.artifacts import (
     ARTIFACT_KINDS,
     FORMAT_VERSION,
+    ArtifactDetector,
     ArtifactError,
     library_versions,
     prefixed,
     read_spec,
     read_weights,
-    write_artifact,
 )
 from oodforge.config import StrictModel
 from oodforge.data.transforms import Preprocess
@@ -112,30 +112,12 @@ def anomaly_png(score_map: np.ndarray, map_range: tuple[float, float], size: tup
     return buffer.getvalue()
 
 
-class DenseDetector:
+class DenseDetector(ArtifactDetector):
     """A segmenter with a per-pixel OOD score, image pooling and calibrated thresholds."""
 
     def __init__(self, model: Segmenter, spec: DenseDetectorSpec, device: str | torch.device = "cpu"):
-        self.model = model.eval().to(device)
-        self.spec = spec
-        self.device = torch.device(device)
+        super().__init__(model, spec, device)
         self._pixel_score = PIXEL_SCORES.get(spec.pixel_score)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def threshold(self) -> float:
-        return self.spec.threshold.value
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.spec.class_names
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return self.spec.preprocess
 
     @torch.no_grad()
     def score_maps(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -161,12 +143,6 @@ class DenseDetector:
             is_ood=np.concatenate([p.is_ood for p in parts]),
             maps=np.concatenate([p.maps for p in parts]),
         )
-
-    def save(self, path: str | Path) -> Path:
-        """Write the artifact atomically (temp dir + rename); an existing directory is replaced."""
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        self.spec = write_artifact(path, tensors, self.spec)
-        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> DenseDetector:

@@ -32,12 +32,12 @@ from oodforge.artifacts import (
     FORMAT_VERSION,
     SPEC_FILE,
     WEIGHTS_FILE,
+    ArtifactDetector,
     ArtifactError,
     library_versions,
     prefixed,
     read_spec,
     read_weights,
-    write_artifact,
 )
 from oodforge.backbones import ANCHORS_KEY, Classifier, HeadConfig, classifier_from_config, config_to_dict
 from oodforge.config import StrictModel
@@ -105,33 +105,14 @@ class Prediction:
         return [self.class_names[i] for i in self.labels]
 
 
-class Detector:
+class Detector(ArtifactDetector):
     """A classifier, an OOD score and a threshold that travel together (pre-processing included)."""
 
     def __init__(
         self, model: Classifier, score: Score, spec: DetectorSpec, device: str | torch.device = "cpu"
     ):
-        self.model = model.eval().to(device)
+        super().__init__(model, spec, device)
         self.score = score
-        self.spec = spec
-        self.device = torch.device(device)
-
-    # ---------------------------------------------------------------- properties
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def threshold(self) -> float:
-        return self.spec.threshold.value
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.spec.class_names
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return self.spec.preprocess
 
     # ---------------------------------------------------------------- inference
     def _to_batch(self, images: list[Image.Image] | torch.Tensor) -> torch.Tensor:
@@ -186,12 +167,9 @@ class Detector:
         )
 
     # ---------------------------------------------------------------- persistence
-    def save(self, path: str | Path) -> Path:
-        """Write the artifact atomically (temp dir + rename); an existing directory is replaced."""
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        tensors.update({f"score.{k}": v for k, v in self.score.state_dict().items()})
-        self.spec = write_artifact(path, tensors, self.spec)
-        return Path(path)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The classifier's weights under ``model.`` and the score's fitted statistics under ``score.``."""
+        return {**super().tensors(), **{f"score.{k}": v for k, v in self.score.state_dict().items()}}
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Detector:

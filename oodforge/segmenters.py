@@ -188,5 +188,8 @@ def segmenter_from_architecture(architecture: dict[str, Any]) -> Segmenter:
     try:
         name, config = architecture["name"], architecture["config"]
     except (KeyError, TypeError):
-        raise ValueError("a segmenter architecture needs 'name' and 'config'") from None
+        raise ValueError(
+            "the stored segmenter architecture needs 'name' and 'config' (Segmenter.architecture()); "
+            "re-export the detector with trainer/train_dense.py"
+        ) from None
     return Segmenter(name, SEGMENTERS.get(name).rebuild(config))

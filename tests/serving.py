@@ -103,3 +103,25 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def run_batcher(detector, jobs: list, max_batch_size: int) -> tuple[list, list[int]]:
+    """Submit ``jobs`` (pixel tensors) to one ``MicroBatcher`` at once; its results and batch sizes."""
+    import asyncio
+
+    from api.batching import MicroBatcher
+    from api.settings import Batching
+
+    sizes: list[int] = []
+
+    async def main() -> list:
+        batcher = MicroBatcher(
+            detector, Batching(max_batch_size=max_batch_size, max_wait_ms=200), on_batch=sizes.append
+        )
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(p) for p in jobs))
+        finally:
+            await batcher.stop()
+
+    return asyncio.run(main()), sizes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 from concurrent.futures import ThreadPoolExecutor
@@ -13,10 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from serving import detectors_dir, metric_value, png_bytes, running_server
+from serving import detectors_dir, metric_value, png_bytes, run_batcher, running_server
 
-from api.batching import MicroBatcher, concat_predictions, slice_prediction
-from api.settings import Batching
+from api.batching import concat_predictions, slice_prediction
 from oodforge.data.transforms import Preprocess
 from oodforge.dense import PoolingSpec
 from oodforge.dense_detector import (
@@ -298,17 +296,8 @@ def test_the_batcher_slices_maps_per_job(served):
     jobs = [
         torch.stack([detector.preprocess(scene(20 + i + j, WIDE)) for j in range(i + 1)]) for i in range(3)
     ]
-    sizes: list[int] = []
 
-    async def main() -> list[DensePrediction]:
-        batcher = MicroBatcher(detector, Batching(max_batch_size=4, max_wait_ms=200), on_batch=sizes.append)
-        await batcher.start()
-        try:
-            return await asyncio.gather(*(batcher.submit(p) for p in jobs))
-        finally:
-            await batcher.stop()
-
-    results = asyncio.run(main())
+    results, sizes = run_batcher(detector, jobs, max_batch_size=4)
     assert sizes == [3, 3]  # the 1- and 2-image jobs share a batch; the 3-image one would overfill it
     for pixels, result in zip(jobs, results, strict=True):
         alone = detector.predict_pixels(pixels)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from serving import digit_like, png_bytes
+from serving import digit_like, png_bytes, run_batcher
 
 from api.auth import key_matches
 from api.batching import MicroBatcher
@@ -137,18 +137,9 @@ def _pixels(detector: Detector, seeds: list[int]) -> torch.Tensor:
 
 def test_concurrent_jobs_share_a_batch_and_get_their_own_rows(ood_assets):
     detector = Detector.load(ood_assets.ce)
-    sizes: list[int] = []
     jobs = [_pixels(detector, [i, i + 10]) for i in range(6)]
 
-    async def main():
-        batcher = MicroBatcher(detector, Batching(max_batch_size=8, max_wait_ms=200), on_batch=sizes.append)
-        await batcher.start()
-        try:
-            return await asyncio.gather(*(batcher.submit(p) for p in jobs))
-        finally:
-            await batcher.stop()
-
-    results = asyncio.run(main())
+    results, sizes = run_batcher(detector, jobs, max_batch_size=8)
     assert sizes == [8, 4]  # four 2-image jobs fill the first batch, the other two wait for the next
     for pixels, result in zip(jobs, results, strict=True):
         alone = detector.predict_from_outputs(*detector.forward_batch(pixels))

@@ -75,7 +75,7 @@ def test_evaluate_cli_reports_dense_metrics(both_run: Path, tmp_path: Path) -> N
 
     out = tmp_path / "eval.json"
     code = main(
-        ["--detector", str(both_run / "detector"), "--benchmark", "mnist-scenes", "--scores", "js,energy"]
+        ["--detector", str(both_run / "detector"), "--scores", "js,energy"]  # benchmark: mnist-scenes by kind
         + ["--out", str(out), "--report", str(tmp_path / "report")]
     )
     assert code == 0

@@ -240,8 +240,7 @@ def main_dense(detector: Any, args: Any) -> int:
     for name in names:
         PIXEL_SCORES.get(name)  # a KeyError that lists the valid names
     seed = args.seed if args.seed is not None else detector.spec.training.get("data_seed", 0)
-    benchmark = args.benchmark if args.benchmark != "mnist-open" else "mnist-scenes"
-    bench = load_scenes(SceneConfig(benchmark=benchmark, seed=seed))
+    bench = load_scenes(SceneConfig(benchmark=args.benchmark or "mnist-scenes", seed=seed))
     if bench.class_names != detector.class_names:
         print(
             f"warning: benchmark classes {bench.class_names} differ from the detector's {detector.class_names}",

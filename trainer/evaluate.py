@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detector", required=True, type=Path, help="detector artifact directory")
     parser.add_argument(
         "--benchmark",
-        default="mnist-open",
-        help="benchmark name (default: mnist-open); mnist-scenes for a dense detector",
+        default=None,
+        help="benchmark name (default: mnist-open for a classifier, mnist-scenes for a dense detector)",
     )
     parser.add_argument("--root", type=Path, default=None, help="data root for imagefolder/cifar benchmarks")
     parser.add_argument(
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.dense_eval import main_dense
 
             return main_dense(detector, args)
+        args.benchmark = args.benchmark or "mnist-open"
         names = _parse_scores(args.scores)
     except (ArtifactError, KeyError, ValueError) as err:
         print(f"error: {err.args[0]}", file=sys.stderr)

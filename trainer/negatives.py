@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,8 +254,3 @@ def paste_negatives(
             negative[row] = neg
             labels[row][void] = VOID
     return torch.stack(out), labels, negative, info
-
-
-def flow_bits_per_dim(nll_nats_per_dim: float) -> float:
-    """Convert the flow's loss (nats per dimension) to bits per dimension, for logs."""
-    return nll_nats_per_dim / math.log(2.0)

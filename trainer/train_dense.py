@@ -12,23 +12,18 @@ a plain segmenter, scored by max-softmax or energy. Everything lands in ``runs/<
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
-from oodforge.config import ConfigError, StrictModel, add_config_args, load_config
+from oodforge.config import StrictModel
 from oodforge.data.mnist_scenes import DENSE_BENCHMARKS, SceneConfig, load_scenes
 from oodforge.data.transforms import Preprocess
 from oodforge.dense import PIXEL_SCORES, PoolingSpec, pool
@@ -38,17 +33,19 @@ from oodforge.metrics import threshold_at_tpr
 from oodforge.segmenters import Segmenter, SegmenterConfig, build_segmenter
 from trainer.config import LoopConfig, OptimConfig
 from trainer.dense_eval import dense_report, evaluate_dense, example_rows, maps_figure, scene_pixels
+from trainer.loop import (
+    build_optimizer,
+    end_step,
+    epoch_batches,
+    lr_lambda,
+    prepare_run_dir,
+    restore,
+    run_cli,
+    save_checkpoint,
+    start_run,
+)
 from trainer.losses.dense import dense_ood_loss
 from trainer.negatives import NegativesConfig, build_sources, paste_negatives
-from trainer.train_oal import (
-    Progress,
-    build_optimizer,
-    list_checkpoints,
-    lr_lambda,
-    make_trackers,
-    prepare_run_dir,
-    save_checkpoint,
-)
 
 MAP_QUANTILES = (0.001, 0.999)  # the PNG map's [lo, hi]: quantiles of the val pixels' scores
 
@@ -164,16 +161,7 @@ def train(cfg: DenseTrainConfig, resume: bool = False, overwrite: bool = False) 
     bench = load_scenes(cfg.data)
     sources = build_sources(cfg.negatives, cfg.preprocess)  # a missing synth dataset fails here, early
     run_dir = prepare_run_dir(cfg, resume, overwrite)
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=make_trackers(cfg, run_dir / "logs"),
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    accelerator.init_trackers(cfg.name, config={"config": cfg.model_dump_json()})
+    accelerator = start_run(cfg, run_dir)
 
     train_set = scene_tensors(cfg, bench.train)
     segmenter = build_segmenter(cfg.model, len(bench.class_names))
@@ -189,30 +177,12 @@ def train(cfg: DenseTrainConfig, resume: bool = False, overwrite: bool = False) 
     )
     total_steps = cfg.train.epochs * len(loader)
     scheduler = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps)))
-    progress = Progress()
-    accelerator.register_for_checkpointing(progress)
-    checkpoints = list_checkpoints(run_dir)
-    if resume and checkpoints:
-        accelerator.load_state(str(checkpoints[-1]))
-        accelerator.print(f"resumed from {checkpoints[-1]} (global step {progress.global_step})")
+    progress = restore(accelerator, run_dir, resume, len(loader))
 
     started = time.perf_counter()
     while progress.epoch < cfg.train.epochs:
-        epoch = progress.epoch
-        loader.set_epoch(epoch)
-        batches = (
-            accelerator.skip_first_batches(loader, progress.step_in_epoch)
-            if progress.step_in_epoch
-            else loader
-        )
         step_module.train()
-        bar = tqdm(
-            batches,
-            total=len(loader),
-            initial=progress.step_in_epoch,
-            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-            disable=not accelerator.is_local_main_process or None,
-        )
+        bar = epoch_batches(accelerator, loader, progress, cfg.train.epochs)
         for pixels, labels in bar:
             # pasting randomness is a function of (seed, step, process): a resumed run pastes the same
             generator = torch.Generator().manual_seed(
@@ -223,19 +193,10 @@ def train(cfg: DenseTrainConfig, resume: bool = False, overwrite: bool = False) 
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            progress.global_step += 1
-            progress.step_in_epoch += 1
             bar.set_postfix(loss=f"{loss.item():.4f}", js=f"{parts['js']:.3f}")
-            if progress.global_step % cfg.train.log_every_steps == 0:
-                accelerator.log(
-                    {"train/loss": loss.item(), **{f"train/{k}": v for k, v in parts.items()}},
-                    step=progress.global_step,
-                )
-            if progress.global_step % cfg.train.checkpoint_every_steps == 0 and progress.step_in_epoch < len(
-                loader
-            ):
-                save_checkpoint(accelerator, run_dir, progress.global_step, cfg.train.keep_checkpoints)
-        progress.epoch, progress.step_in_epoch = epoch + 1, 0
+            logs = {"train/loss": loss.item(), **{f"train/{k}": v for k, v in parts.items()}}
+            end_step(accelerator, cfg, progress, len(loader), logs)
+        progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
         save_checkpoint(accelerator, run_dir, progress.global_step, cfg.train.keep_checkpoints)
 
     accelerator.wait_for_everyone()
@@ -332,18 +293,13 @@ def finish(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train, evaluate and export a dense OOD detector.")
-    add_config_args(parser, default="configs/train/dense_flow.yaml")
-    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="delete runs/<name> first and start again")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, DenseTrainConfig, args.overrides)
-        train(cfg, resume=args.resume, overwrite=args.overwrite)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(
+        argv,
+        DenseTrainConfig,
+        train,
+        "Train, evaluate and export a dense OOD detector.",
+        "configs/train/dense_flow.yaml",
+    )
 
 
 if __name__ == "__main__":

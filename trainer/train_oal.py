@@ -12,87 +12,39 @@ steps and at each epoch end), ``logs/metrics.csv``, ``report.json``, ``report.md
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-import shutil
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
-    DataLoaderConfiguration,
     DistributedDataParallelKwargs,
-    ProjectConfiguration,
-    set_seed,
 )
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from oodforge.backbones import Classifier
-from oodforge.config import ConfigError, add_config_args, load_config
+from oodforge.config import ConfigError
 from oodforge.data import load_benchmark
 from oodforge.data.transforms import TransformedSet
 from oodforge.detector import Detector, ThresholdSpec, build_spec
 from oodforge.metrics import threshold_at_tpr
 from trainer.config import TrainConfig
 from trainer.evaluate import collect_benchmark, evaluate_outputs, fit_scores
+from trainer.loop import (
+    build_optimizer,
+    end_step,
+    epoch_batches,
+    lr_lambda,
+    prepare_run_dir,
+    restore,
+    run_cli,
+    save_checkpoint,
+    start_run,
+)
 from trainer.methods import METHODS, Method, MethodContext
 from trainer.outlier_stream import OutlierStream
 from trainer.report import write_report
-from trainer.tracking import CSVTracker
-
-CHECKPOINT_PREFIX = "step_"
-
-
-class Progress:
-    """Where training stands; checkpointed with the model so ``--resume`` continues mid-epoch."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.global_step = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.step_in_epoch, self.global_step = (
-            state["epoch"],
-            state["step_in_epoch"],
-            state["global_step"],
-        )
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    ckpt_dir = run_dir / "checkpoints"
-    if not ckpt_dir.is_dir():
-        return []
-    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> None:
-    """``save_state`` into a temp dir, then rename: a kill mid-save never leaves a half checkpoint."""
-    final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}"
-    if final.exists():
-        return
-    tmp = final.with_name(f".tmp_{final.name}")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 class TrainStep(nn.Module):
@@ -111,15 +63,6 @@ class TrainStep(nn.Module):
         self, batch: tuple[torch.Tensor, torch.Tensor], outliers: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         return self.method.loss(self.model, batch, outliers)
-
-
-def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
-        )
-    return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
 
 
 def load_initial_weights(model: Classifier, source: Path) -> None:
@@ -141,50 +84,6 @@ def load_initial_weights(model: Classifier, source: Path) -> None:
         )
 
 
-def lr_lambda(cfg: TrainConfig, total_steps: int):
-    """Linear warm-up then cosine (or constant) decay, as a function of the step."""
-    warm = cfg.optim.warmup_steps
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.optim.scheduler == "constant":
-            return 1.0
-        progress = (step - warm) / max(1, total_steps - warm)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def make_trackers(cfg: TrainConfig, log_dir: Path) -> list[Any]:
-    trackers: list[Any] = []
-    for name in cfg.train.log_with:
-        if name == "csv":
-            trackers.append(CSVTracker(cfg.name, log_dir))
-        else:
-            from accelerate.utils import is_tensorboard_available
-
-            if not is_tensorboard_available():
-                raise ConfigError(
-                    "train.log_with has 'tensorboard' but it is not installed: pip install tensorboard"
-                )
-            trackers.append(name)
-    return trackers
-
-
-def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
-    run_dir = cfg.run_dir
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    if list_checkpoints(run_dir) and not resume:
-        raise ConfigError(
-            f"{run_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
-            f"--overwrite to start again, or --set name=<new name>"
-        )
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train, evaluate and export; returns the run directory."""
     method_cls = METHODS.get(cfg.method)
@@ -197,19 +96,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     bench = load_benchmark(cfg.data)
     outlier_sets = method_cls.outlier_sets(method_args, cfg, bench.class_names)
     run_dir = prepare_run_dir(cfg, resume, overwrite)
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=make_trackers(cfg, run_dir / "logs"),
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[
-            DistributedDataParallelKwargs(find_unused_parameters=method_cls.find_unused_parameters)
-        ],
+    accelerator = start_run(
+        cfg,
+        run_dir,
+        [DistributedDataParallelKwargs(find_unused_parameters=method_cls.find_unused_parameters)],
     )
-    set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    accelerator.init_trackers(cfg.name, config=_flat(cfg.model_dump(mode="json")))
 
     num_classes = len(bench.class_names)
     model = method_cls.build_model(method_args, cfg, bench.class_names)
@@ -235,18 +126,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     total_steps = cfg.train.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     scheduler = accelerator.prepare(scheduler)
-    progress = Progress()
-    accelerator.register_for_checkpointing(progress)
-
-    checkpoints = list_checkpoints(run_dir)
-    if resume and checkpoints:
-        accelerator.load_state(str(checkpoints[-1]))
-        accelerator.print(
-            f"resumed from {checkpoints[-1]} (epoch {progress.epoch + 1}, step {progress.step_in_epoch} "
-            f"of {len(loader)}, global step {progress.global_step})"
-        )
-    elif resume:
-        accelerator.print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from scratch")
+    progress = restore(accelerator, run_dir, resume, len(loader))
     for stream in streams.values():
         stream.start(progress.global_step)
 
@@ -255,20 +135,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     while progress.epoch < cfg.train.epochs:
         epoch = progress.epoch
         train_set.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        batches = (
-            accelerator.skip_first_batches(loader, progress.step_in_epoch)
-            if progress.step_in_epoch
-            else loader
-        )
         step_module.train()
-        bar = tqdm(
-            batches,
-            total=len(loader),
-            initial=progress.step_in_epoch,
-            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-            disable=not accelerator.is_local_main_process or None,
-        )
+        bar = epoch_batches(accelerator, loader, progress, cfg.train.epochs)
         running, seen = 0.0, 0
         for batch in bar:
             step_started = time.perf_counter()
@@ -278,23 +146,19 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step_seconds, timed_steps = step_seconds + time.perf_counter() - step_started, timed_steps + 1
-            progress.global_step += 1
-            progress.step_in_epoch += 1
             running, seen = running + loss.item(), seen + 1
             bar.set_postfix(loss=f"{running / seen:.4f}")
-            if progress.global_step % cfg.train.log_every_steps == 0:
-                accelerator.log(
-                    {
-                        "train/loss": loss.item(),
-                        "lr": scheduler.get_last_lr()[0],
-                        **{f"train/{k}": v for k, v in parts.items()},
-                    },
-                    step=progress.global_step,
-                )
-            if progress.global_step % cfg.train.checkpoint_every_steps == 0 and progress.step_in_epoch < len(
-                loader
-            ):
-                save_checkpoint(accelerator, run_dir, progress.global_step, cfg.train.keep_checkpoints)
+            end_step(
+                accelerator,
+                cfg,
+                progress,
+                len(loader),
+                {
+                    "train/loss": loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    **{f"train/{k}": v for k, v in parts.items()},
+                },
+            )
         val_acc = _accuracy(accelerator, _unwrap(accelerator, step_module), bench.val, cfg)
         accelerator.log(
             {"epoch": epoch + 1, "val/accuracy": val_acc, "train/epoch_loss": running / max(1, seen)},
@@ -408,30 +272,10 @@ def finish(
     )
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train, evaluate and export an OOD detector.")
-    add_config_args(parser, default="configs/train/ce.yaml")
-    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="delete runs/<name> first and start again")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, TrainConfig, args.overrides)
-        train(cfg, resume=args.resume, overwrite=args.overwrite)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(
+        argv, TrainConfig, train, "Train, evaluate and export an OOD detector.", "configs/train/ce.yaml"
+    )
 
 
 if __name__ == "__main__":
