@@ -1,4 +1,4 @@
-"""FastAPI service that scores images with exported detector artifacts.
+"""FastAPI service that scores images with exported detector artifacts (``uvicorn api.app:app``).
 
-Not built yet: this package is filled in by the api issue (#5). It depends only on ``oodforge``.
+Depends only on ``oodforge``: every detector kind loads through ``oodforge.detector.Detector.load``.
 """

@@ -6,8 +6,8 @@ have passed (it stops waiting at once when no other request is queued or announc
 a lone request pays no wait), runs the model once in a worker thread and hands each job its rows back. A request larger
 than ``max_batch_size`` is split into several jobs.
 
-The batcher works for every artifact kind: it calls ``detector.predict_pixels`` and hands each job the
-rows of every array field of the prediction dataclass (a dense detector's ``maps`` included).
+The batcher works for every detector kind: it calls ``detector.predict_pixels`` and hands each job its
+rows of the :class:`~oodforge.detector.Prediction` (``Prediction.rows``; maps included).
 
 Example:
     >>> batcher = MicroBatcher(detector, Batching(max_batch_size=32, max_wait_ms=5))
@@ -22,67 +22,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
-import numpy as np
 import torch
 
-from api.detectors import AnyPrediction, ServedDetector
 from api.settings import Batching
-from oodforge.dense_detector import DensePrediction
-from oodforge.detector import Prediction
-
-PredictionT = TypeVar("PredictionT", Prediction, DensePrediction)
+from oodforge.detector import Detector, Prediction
 
 
 @dataclass
 class _Job:
     pixels: torch.Tensor
-    future: asyncio.Future[AnyPrediction]
-
-
-def _arrays(prediction: Any) -> list[str]:
-    """Names of the per-image (numpy array) fields of a prediction dataclass."""
-    return [
-        f.name for f in dataclasses.fields(prediction) if isinstance(getattr(prediction, f.name), np.ndarray)
-    ]
-
-
-def slice_prediction(prediction: PredictionT, start: int, stop: int) -> PredictionT:
-    """Rows ``start:stop`` of every array field of ``prediction``; other fields are kept as they are."""
-    return dataclasses.replace(
-        prediction, **{name: getattr(prediction, name)[start:stop] for name in _arrays(prediction)}
-    )
-
-
-def concat_predictions(parts: list[PredictionT]) -> PredictionT:
-    """The predictions of ``parts`` one after the other (array fields concatenated, others from the first)."""
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    return dataclasses.replace(
-        first, **{name: np.concatenate([getattr(p, name) for p in parts]) for name in _arrays(first)}
-    )
+    future: asyncio.Future[Prediction]
 
 
 _WAKE = object()  # queued when the last announced request has submitted (or given up)
 
 
-async def _joined(jobs: list[_Job]) -> AnyPrediction:
-    return concat_predictions(list(await asyncio.gather(*(j.future for j in jobs))))
+async def _joined(jobs: list[_Job]) -> Prediction:
+    return Prediction.concat(list(await asyncio.gather(*(j.future for j in jobs))))
 
 
 class MicroBatcher:
     """Collects jobs for one detector into batches; ``on_batch(n)`` is called with each batch's size."""
 
-    def __init__(
-        self, detector: ServedDetector, batching: Batching, on_batch: Callable[[int], None] | None = None
-    ):
+    def __init__(self, detector: Detector, batching: Batching, on_batch: Callable[[int], None] | None = None):
         self.detector = detector
         self.max_batch_size = batching.max_batch_size
         self.max_wait = batching.max_wait_ms / 1000.0
@@ -116,11 +83,8 @@ class MicroBatcher:
             if self._incoming == 0:
                 self._queue.put_nowait(_WAKE)  # an open batch stops waiting for nobody
 
-    def submit(self, pixels: torch.Tensor) -> asyncio.Future[AnyPrediction]:
-        """Queue pre-processed pixels ``[n, 3, H, W]`` now; the future gives their prediction.
-
-        The prediction is the detector's kind: a ``Prediction`` (classifier) or ``DensePrediction``.
-        """
+    def submit(self, pixels: torch.Tensor) -> asyncio.Future[Prediction]:
+        """Queue pre-processed pixels ``[n, 3, H, W]`` now; the future gives their :class:`Prediction`."""
         if self._task is None:
             raise RuntimeError("MicroBatcher.start() was not awaited")
         loop = asyncio.get_running_loop()
@@ -131,7 +95,7 @@ class MicroBatcher:
             jobs.append(job)
         return asyncio.ensure_future(_joined(jobs))
 
-    def _infer(self, pixels: torch.Tensor) -> AnyPrediction:
+    def _infer(self, pixels: torch.Tensor) -> Prediction:
         return self.detector.predict_pixels(pixels)
 
     async def _next_item(self, timeout: float | None) -> _Job | object | None:
@@ -176,7 +140,7 @@ class MicroBatcher:
         """False once the background task has ended (``/readyz`` turns 503)."""
         return self._task is not None and not self._task.done()
 
-    def _batch(self, jobs: list[_Job]) -> AnyPrediction:
+    def _batch(self, jobs: list[_Job]) -> Prediction:
         pixels = torch.cat([j.pixels for j in jobs])
         if self.on_batch is not None:
             self.on_batch(len(pixels))
@@ -199,5 +163,5 @@ class MicroBatcher:
             for job in jobs:
                 stop = start + len(job.pixels)
                 if not job.future.done():
-                    job.future.set_result(slice_prediction(prediction, start, stop))
+                    job.future.set_result(prediction.rows(start, stop))
                 start = stop

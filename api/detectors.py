@@ -1,8 +1,9 @@
 """The detectors a server holds: found under one directory, loaded once, looked up by name in memory.
 
 A name is a sub-directory of ``detectors_dir`` holding an artifact (``NAME/detector.json``) or a
-training run (``NAME/detector/detector.json``); classifier and dense artifacts are told apart by the
-``kind`` of their ``detector.json`` (:func:`~oodforge.artifacts.load_artifact`). Requests only ever
+training run (``NAME/detector/detector.json``); any kind loads through :meth:`Detector.load` (the
+``kind`` of its ``detector.json`` picks the class; ``plugins`` names modules that register more
+kinds). Requests only ever
 index the in-memory table, so no request-supplied name touches the file system; discovery also skips
 links that lead outside the directory.
 
@@ -20,17 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from api.settings import ServeSettings
-from oodforge.artifacts import SPEC_FILE, ArtifactError, load_artifact
-from oodforge.dense_detector import DenseDetector, DensePrediction
-from oodforge.detector import Detector, Prediction
+from oodforge.detector import SPEC_FILE, ArtifactError, Detector, load_plugins
 
 log = logging.getLogger("oodforge.api")
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PREFERRED_DEFAULTS = ("oal", "ce")
-
-ServedDetector = Detector | DenseDetector
-AnyPrediction = Prediction | DensePrediction
 
 
 class UnknownDetector(LookupError):
@@ -68,7 +64,7 @@ def discover(root: Path, names: list[str] | None = None) -> dict[str, Path]:
 class DetectorTable:
     """Loaded detectors by name, the default name, and the ones that failed to load (with why)."""
 
-    detectors: dict[str, ServedDetector]
+    detectors: dict[str, Detector]
     default: str | None
     failed: dict[str, str] = field(default_factory=dict)
     root: Path = Path(".")
@@ -76,16 +72,17 @@ class DetectorTable:
     @classmethod
     def load(cls, settings: ServeSettings) -> DetectorTable:
         root = Path(settings.detectors_dir)
+        load_plugins(settings.plugins)
         paths = discover(root, settings.detectors)
         failed: dict[str, str] = {}
         for name in settings.detectors or []:
             if name not in paths:
                 failed[name] = f"no detector artifact at {root / name} (or {root / name / 'detector'})"
-        detectors: dict[str, ServedDetector] = {}
+        detectors: dict[str, Detector] = {}
         for name, path in paths.items():
             try:
-                detectors[name] = load_artifact(path, device=settings.device)
-                log.info("loaded %s detector %s from %s", detectors[name].spec.kind, name, path)
+                detectors[name] = Detector.load(path, device=settings.device)
+                log.info("loaded %s detector %s from %s", detectors[name].kind, name, path)
             except ArtifactError as err:
                 failed[name] = str(err)
                 log.error("cannot load detector %s: %s", name, err)
@@ -105,11 +102,11 @@ class DetectorTable:
     def ready(self) -> bool:
         return self.default is not None and self.default in self.detectors
 
-    def names_of_kind(self, kind: str) -> list[str]:
-        """The sorted names of the loaded detectors whose artifact kind is ``kind``."""
-        return sorted(n for n, d in self.detectors.items() if d.spec.kind == kind)
+    def names_with_maps(self) -> list[str]:
+        """The sorted names of the loaded detectors whose kind returns per-pixel maps."""
+        return sorted(n for n, d in self.detectors.items() if d.has_maps)
 
-    def get(self, name: str | None) -> tuple[str, ServedDetector]:
+    def get(self, name: str | None) -> tuple[str, Detector]:
         """The detector called ``name`` (the default when ``None``), or :class:`UnknownDetector`."""
         name = name or self.default
         if name is None or name not in self.detectors:

@@ -1,12 +1,11 @@
-"""Turning untrusted request bytes into RGB PIL images, or a 4xx that says what to do.
+"""Untrusted request bytes -> RGB images, or a 4xx that says what to do.
 
-Every way an upload can be wrong ends in :class:`InputError` with an HTTP status and a message:
-empty (400), bad base64 (400), not an image (415), an unsupported mode or an animation (415),
-more pixels than the limit (413, checked from the header before any pixel is decoded), and a
-truncated or corrupt file (400). Nothing here raises anything else for bad bytes.
+The decoding itself is :func:`oodforge.images.decode_image` — the same function ``Detector.predict``
+uses on bytes — so a served score equals the library's on the same file. Here: the HTTP error type
+and base64.
 
 Example:
-    >>> image = decode_image(data, "cat.png", Limits())
+    >>> image = decode_upload(data, "cat.png", Limits(), index=0)
     >>> image.mode
     'RGB'
 """
@@ -15,25 +14,30 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
-import warnings
+from collections.abc import Sequence
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from api.settings import Limits
+from oodforge.images import BLACK, ImageError, decode_image
 
 
 class InputError(Exception):
     """A request the client must fix: ``status`` is the HTTP status, ``message`` says what to do."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str) -> None:
+        """Keep the status next to the message."""
         super().__init__(message)
         self.status = status
         self.message = message
 
 
-def _name(filename: str | None, index: int) -> str:
-    return f"image {index} ({filename})" if filename else f"image {index}"
+def image_label(filename: str | None, index: int) -> str:
+    """How messages name an upload: ``image 3 (cat.png)``, with very long names shortened."""
+    if not filename:
+        return f"image {index}"
+    short = filename if len(filename) <= 120 else filename[:100] + "…" + filename[-19:]
+    return f"image {index} ({short})"
 
 
 def decode_base64(text: str, index: int) -> bytes:
@@ -54,54 +58,21 @@ def decode_base64(text: str, index: int) -> bytes:
         ) from None
 
 
-def decode_image(data: bytes, filename: str | None, limits: Limits, index: int = 0) -> Image.Image:
-    """Open, check and fully decode one image; returns it in RGB."""
-    what = _name(filename, index)
-    if not data:
-        raise InputError(400, f"{what} is empty (0 bytes); send the image file's content")
+def decode_upload(
+    data: bytes,
+    filename: str | None,
+    limits: Limits,
+    index: int = 0,
+    background: Sequence[int] = BLACK,
+) -> Image.Image:
+    """Open, check and fully decode one uploaded image as RGB; :class:`InputError` otherwise."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data), formats=limits.image_formats)
-    except Image.DecompressionBombError:
-        raise InputError(
-            413, f"{what} has more pixels than PIL will open (decompression bomb); resize it first"
-        ) from None
-    except UnidentifiedImageError:
-        raise InputError(
-            415, f"{what} is not a recognised image; send one of: {', '.join(limits.image_formats)}"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - a malformed header can raise almost anything inside PIL
-        raise InputError(
-            400, f"{what} has a corrupt header ({type(err).__name__}); re-encode the file"
-        ) from None
-
-    width, height = image.size
-    if width * height > limits.max_image_pixels:
-        raise InputError(
-            413,
-            f"{what} is {width}x{height} = {width * height} pixels, above the limit of "
-            f"{limits.max_image_pixels}; resize it first (the detector works at a small size anyway)",
+        return decode_image(
+            data,
+            image_label(filename, index),
+            formats=limits.image_formats,
+            max_pixels=limits.max_image_pixels,
+            background=background,
         )
-    if width == 0 or height == 0:
-        raise InputError(400, f"{what} has no pixels ({width}x{height}); send an image with content")
-    if getattr(image, "n_frames", 1) > 1:
-        raise InputError(
-            415, f"{what} is animated ({image.n_frames} frames); send a single frame as PNG or JPEG"
-        )
-    if image.mode not in limits.image_modes:
-        raise InputError(
-            415,
-            f"{what} has mode {image.mode}, which this server does not accept (accepted: "
-            f"{', '.join(limits.image_modes)}); convert it to 8-bit RGB first, e.g. "
-            "PIL.Image.open(path).convert('RGB'), or ask the operator to add the mode to limits.image_modes",
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image.load()
-            return image.convert("RGB")
-    except Exception as err:  # noqa: BLE001 - truncated/corrupt data surfaces as OSError, SyntaxError, ...
-        raise InputError(
-            400, f"{what} is truncated or corrupt ({type(err).__name__}: {err}); re-send the complete file"
-        ) from None
+    except ImageError as err:
+        raise InputError(err.status, err.message) from None

@@ -11,9 +11,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.auth import require_api_key
-from api.detectors import ServedDetector
 from api.images import InputError
-from api.kinds import kind_of, maps_refused
+from api.maps import encode_maps
 from api.schemas import (
     AnomalyMap,
     DetectorInfo,
@@ -27,6 +26,7 @@ from api.schemas import (
     ThresholdInfo,
 )
 from api.uploads import decode_batch, read_uploads
+from oodforge.detector import Detector
 
 router = APIRouter()
 INLINE_DECODE_BYTES = 64 * 1024  # smaller requests are decoded on the event loop (tens of microseconds)
@@ -69,33 +69,41 @@ _MAPS_DOC = (
 )
 
 
-def detector_ref(name: str, detector: ServedDetector) -> DetectorRef:
-    return DetectorRef(name=name, version=detector.spec.weights_sha256[:12], created=detector.spec.created)
+def detector_ref(name: str, detector: Detector) -> DetectorRef:
+    """Which detector answered: its served name, weights version and creation time."""
+    return DetectorRef(name=name, version=detector.spec.version, created=detector.spec.provenance.created)
 
 
-def threshold_info(detector: ServedDetector) -> ThresholdInfo:
-    t = detector.spec.threshold
-    return ThresholdInfo(
-        value=t.value,
-        score=kind_of(detector).score_name(detector),
-        split=t.split,
-        target_id_tpr=t.target_id_tpr,
-        n_samples=t.n_samples,
-        rule=t.rule,
+def threshold_info(detector: Detector) -> ThresholdInfo:
+    """What the threshold means (from ``describe()``)."""
+    return ThresholdInfo(**detector.describe()["threshold"])
+
+
+def detector_info(name: str, detector: Detector, default: str | None) -> DetectorInfo:
+    """``GET /detectors/{name}``: the detector's ``describe()`` under its served name."""
+    about = detector.describe()
+    return DetectorInfo(
+        detector=detector_ref(name, detector),
+        kind=about["kind"],
+        has_labels=about["has_labels"],
+        has_maps=about["has_maps"],
+        default=name == default,
+        classes=about["classes"],
+        score=about["score"],
+        threshold=ThresholdInfo(**about["threshold"]),
+        input_size=about["input"]["shape"][-1],
+        input=about["input"],
+        metrics=about["metrics"],
     )
 
 
-def detector_info(name: str, detector: ServedDetector, default: str | None) -> DetectorInfo:
-    kind = kind_of(detector)
-    return DetectorInfo(
-        detector=detector_ref(name, detector),
-        kind=kind.name,
-        default=name == default,
-        classes=detector.spec.class_names,
-        score=kind.score(detector),
-        threshold=threshold_info(detector),
-        input_size=detector.preprocess.size,
-        metrics=detector.spec.metrics,
+def maps_refused(name: str, detector: Detector, with_maps: list[str]) -> str:
+    """The 400 message for ``maps=true`` on a detector whose kind has no maps."""
+    available = ", ".join(with_maps) or "none is served here"
+    return (
+        f"detector {name!r} is a {detector.kind}: it has no per-pixel maps; maps come from dense detectors: "
+        f"name one with ?detector=NAME&maps=true (detectors with maps: {available}; GET /detectors lists "
+        "each one's kind), or leave out maps=true"
     )
 
 
@@ -121,20 +129,19 @@ async def score(
 ) -> Response:
     state = request.app.state
     name, model = state.table.get(detector)
-    kind = kind_of(model)
-    if maps and not kind.has_maps:
-        raise InputError(400, maps_refused(name, kind, state.table.names_of_kind("dense")))
+    if maps and not model.has_maps:
+        raise InputError(400, maps_refused(name, model, state.table.names_with_maps()))
     limits = state.settings.limits
     batcher = state.batchers[name]
     with batcher.announce():  # an open batch waits for this request while it is read and decoded
         uploads = await read_uploads(request, limits)
         cheap = sum(len(data) for _, data in uploads) <= INLINE_DECODE_BYTES
-        decoded = await _off_loop_unless(cheap, decode_batch, uploads, model.preprocess, limits)
+        decoded = await _off_loop_unless(cheap, decode_batch, uploads, model, limits)
         pending = batcher.submit(decoded.pixels)
     prediction = await pending
     state.metrics.observe_verdicts(name, prediction.is_ood)
     anomaly: list[AnomalyMap | None] = (
-        list(await kind.maps(model, prediction, decoded.sizes)) if maps else [None] * len(uploads)
+        list(await encode_maps(model, prediction, decoded.sizes)) if maps else [None] * len(uploads)
     )
     body = ScoreResponse(
         detector=detector_ref(name, model),
@@ -150,8 +157,8 @@ async def score(
                 confidence=confidence,
                 map=anomaly[i],
             )
-            for i, ((filename, _), (label, confidence)) in enumerate(
-                zip(uploads, kind.labels(prediction), strict=True)
+            for i, ((filename, _), label, confidence) in enumerate(
+                zip(uploads, prediction.label_names(), prediction.confidence_values(), strict=True)
             )
         ],
     )

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
 
-from oodforge.dense_detector import MAP_ENCODING
+from oodforge.detector import MAP_ENCODING
 
 
 class ScoreRequest(BaseModel):
@@ -18,11 +18,13 @@ class ScoreRequest(BaseModel):
 
 
 class AnomalyMap(BaseModel):
-    """A dense detector's per-pixel verdict on one image, as a grey PNG the size of that image."""
+    """A detector's per-pixel verdict on one image, as a grey PNG the size of that image."""
 
     png_base64: str = Field(..., description="base64 of an 8-bit grey (mode L) PNG; 255 = most anomalous")
     shape: tuple[int, int] = Field(..., description="[height, width] of the PNG: the input image's size")
-    encoding: str = Field(..., description=f"how pixel scores become PNG values: {MAP_ENCODING}")
+    encoding: str = Field(
+        ..., description=f"how pixel scores become PNG values (dense detectors: {MAP_ENCODING})"
+    )
     range: tuple[float, float] = Field(
         ..., description="[lo, hi] of the encoding: scores >= hi are 0, scores <= lo are 255"
     )
@@ -46,18 +48,18 @@ class ImageResult(BaseModel):
     threshold: float
     label: str | None = Field(
         ...,
-        description="classifier detectors only (null for dense ones): the predicted ID class "
+        description="detectors that label images (classifiers; null otherwise): the predicted ID class "
         "(meaningful when is_ood is false)",
     )
     confidence: float | None = Field(
-        ..., description="classifier detectors only (null for dense ones): softmax probability of that class"
+        ..., description="detectors that label images (null otherwise): softmax probability of that class"
     )
     map: AnomalyMap | SkipJsonSchema[None] = Field(
         None,
         exclude_if=lambda value: value is None,
         json_schema_extra=_absent_when_none,
-        description="only with POST /score?maps=true on a dense detector: the image's anomaly map; "
-        "absent otherwise",
+        description="only with POST /score?maps=true on a detector with maps (dense): the image's "
+        "anomaly map; absent otherwise",
     )
 
 
@@ -90,9 +92,11 @@ class DetectorInfo(BaseModel):
     detector: DetectorRef
     kind: str = Field(
         ...,
-        description="'classifier' (a label per image) or 'dense' (a segmenter: a per-pixel score map "
-        "per image, returned by POST /score?maps=true)",
+        description="the artifact kind: 'classifier' (a label per image), 'dense' (a segmenter: a per-pixel "
+        "score map per image, returned by POST /score?maps=true), or a kind a plugin registers",
     )
+    has_labels: bool = Field(..., description="results carry label and confidence")
+    has_maps: bool = Field(..., description="POST /score?maps=true returns a per-pixel map per image")
     default: bool
     classes: list[str] = Field(
         ..., description="classifier: the ID classes; dense: the segmentation classes, background first"
@@ -104,6 +108,7 @@ class DetectorInfo(BaseModel):
     )
     threshold: ThresholdInfo
     input_size: int
+    input: dict[str, Any] = Field(..., description="model input: shape [C, H, W], mode, alpha background")
     metrics: dict[str, Any]
 
 

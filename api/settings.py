@@ -22,14 +22,13 @@ from typing import Any
 from pydantic import Field, SecretStr, field_validator
 
 from oodforge.config import StrictModel, apply_overrides, read_yaml, validate
+from oodforge.images import DEFAULT_FORMATS
 
 ENV_PREFIX = "OODFORGE_"
 CONFIG_ENV = "OODFORGE_SERVE_CONFIG"
 RAW_ENV_KEYS = ("api_keys",)  # taken verbatim: a key such as "yes" or "0123" must stay a string
 
-# PIL modes that convert to RGB without guessing; everything else (16-bit, 32-bit, float) is refused
-CONVERTIBLE_MODES = ("RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr", "1")
-IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+IMAGE_FORMATS = DEFAULT_FORMATS
 
 
 class Limits(StrictModel):
@@ -39,27 +38,14 @@ class Limits(StrictModel):
         max_body_bytes: Largest request body; larger ones get 413 before they are read.
         max_files: Most images in one request.
         max_image_pixels: Largest width x height of one image, checked before decoding (decompression bombs).
-        image_modes: PIL modes accepted and converted to RGB; others (16-bit, CMYK, palette unless listed)
-            get 415 so that no image is silently reinterpreted.
-        image_formats: Image formats the decoder may open.
+        image_formats: Image formats the decoder may open. Every common mode of them is converted to RGB
+            (:mod:`oodforge.images` has the table: alpha composited, 16-bit scaled, EXIF applied).
     """
 
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1)
     max_files: int = Field(64, ge=1)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
-    image_modes: list[str] = ["RGB", "L"]
     image_formats: list[str] = list(IMAGE_FORMATS)
-
-    @field_validator("image_modes")
-    @classmethod
-    def _known_modes(cls, modes: list[str]) -> list[str]:
-        unknown = sorted(set(modes) - set(CONVERTIBLE_MODES))
-        if unknown:
-            raise ValueError(
-                f"limits.image_modes {unknown} cannot be converted to RGB unambiguously; "
-                f"choose from {list(CONVERTIBLE_MODES)}"
-            )
-        return modes
 
     @field_validator("image_formats")
     @classmethod
@@ -93,6 +79,8 @@ class ServeSettings(StrictModel):
         device: torch device for inference.
         torch_threads: Intra-op threads per worker process (default: CPU cores / ``$WEB_CONCURRENCY``,
             uvicorn's worker-count variable, so that workers do not oversubscribe the cores).
+        plugins: Python modules imported at startup that register more detector kinds
+            (``OODFORGE_PLUGINS=mypkg.kinds``); installed ``oodforge.detector_kinds`` entry points load too.
     """
 
     detectors_dir: Path = Path("runs")
@@ -101,6 +89,7 @@ class ServeSettings(StrictModel):
     api_keys: list[SecretStr] = []
     device: str = "cpu"
     torch_threads: int | None = Field(None, ge=1)
+    plugins: list[str] = []
     limits: Limits = Limits()
     batching: Batching = Batching()
 
@@ -113,7 +102,7 @@ class ServeSettings(StrictModel):
             value = [str(k).strip() for k in value if str(k).strip()]
         return value
 
-    @field_validator("detectors", mode="before")
+    @field_validator("detectors", "plugins", mode="before")
     @classmethod
     def _split_names(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -17,10 +17,10 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from api.images import InputError, decode_base64, decode_image
+from api.images import InputError, decode_base64, decode_upload
 from api.schemas import ScoreRequest
 from api.settings import Limits
-from oodforge.data.transforms import Preprocess
+from oodforge.detector import Detector
 
 Upload = tuple[str | None, bytes]
 FIELD = "files"
@@ -134,14 +134,15 @@ class DecodedBatch(NamedTuple):
     sizes: list[tuple[int, int]]
 
 
-def decode_batch(uploads: list[Upload], preprocess: Preprocess, limits: Limits) -> DecodedBatch:
-    """Decode and pre-process every upload, once each (CPU work: call it off the event loop).
+def decode_batch(uploads: list[Upload], detector: Detector, limits: Limits) -> DecodedBatch:
+    """Decode and pre-process every upload for ``detector``, once each (CPU work: call it off the loop).
 
     Only one full-size decoded image is held at a time; what is kept of it is its model input and size.
     """
     pixels, sizes = [], []
+    background = detector.spec.input.background
     for i, (name, data) in enumerate(uploads):
-        image = decode_image(data, name, limits, index=i)
-        pixels.append(preprocess(image))
+        image = decode_upload(data, name, limits, index=i, background=background)
+        pixels.append(detector.preprocess(image))
         sizes.append((image.height, image.width))
     return DecodedBatch(pixels=torch.stack(pixels), sizes=sizes)

@@ -4,7 +4,7 @@ Every variant trains the same segmenter (fcn-tiny) on the same scenes (data seed
 0, 1, 2; only ``negatives.sources`` differs (``configs/train/dense*.yaml``). The no-negatives segmenter
 is judged by its max-softmax and energy maps, the others by their JS map (and max-softmax, to separate
 the effect of the training from the effect of the score). The table gives mean ± std over seeds of
-pixel AP / FPR@95 / AUROC per anomaly kind and the inlier mIoU; ``bench/dense_maps.png`` shows test
+pixel AP / FPR@95 / AUROC per anomaly set and the inlier mIoU; ``bench/dense_maps.png`` shows test
 scenes, their ground-truth anomaly masks and the seed-0 maps of every variant side by side.
 
     .venv/bin/python bench/dense_bench.py            # ~40 min on 2 cores; finished runs are reused
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = Path("runs/bench-dense")
 FIGURE = Path("bench/dense_maps.png")
 LAUNCH = "launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
-KINDS = ("digits-6-9", "faces", "textures", "photos")
+ANOMALY_SETS = ("digits-6-9", "faces", "textures", "photos")
 METRICS = ("ap", "fpr95", "auroc")
 
 
@@ -84,17 +84,17 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    head = "| negatives | pixel score | " + " | ".join(f"{k} AP / FPR@95 / AUROC" for k in KINDS)
+    head = "| negatives | pixel score | " + " | ".join(f"{k} AP / FPR@95 / AUROC" for k in ANOMALY_SETS)
     head += " | all pixels AP / FPR@95 / AUROC | inlier mIoU |"
-    lines = [head, "|" + "---|" * (len(KINDS) + 4)]
+    lines = [head, "|" + "---|" * (len(ANOMALY_SETS) + 4)]
     for variant in VARIANTS:
         reports = results.get(variant.name)
         if not reports:
             continue
         for score in variant.scores:
             cells = []
-            for kind in KINDS:
-                per = [r["scores"][score]["pixel"]["kinds"][kind] for r in reports]
+            for anomaly_set in ANOMALY_SETS:
+                per = [r["scores"][score]["pixel"]["sets"][anomaly_set] for r in reports]
                 cells.append(" / ".join(mean_std([p[m] for p in per]) for m in METRICS))
             every = [r["scores"][score]["pixel"]["all"] for r in reports]
             cells.append(" / ".join(mean_std([p[m] for p in every]) for m in METRICS))
@@ -104,12 +104,12 @@ def table(results: dict[str, list[dict]]) -> str:
 
 
 def figure(variants: list[Variant], seed: int) -> Path:
-    """Scenes, ground truth and the seed-``seed`` map of every variant, for two scenes of each kind."""
+    """Scenes, ground truth and the seed-``seed`` map of every variant, for two scenes of each anomaly set."""
     import torch
 
     from oodforge.data.mnist_scenes import SceneConfig, load_scenes
     from oodforge.dense import PIXEL_SCORES
-    from oodforge.dense_detector import DenseDetector
+    from oodforge.detector import DenseDetector
     from trainer.dense_eval import example_rows, maps_figure, scene_pixels
 
     test = load_scenes(SceneConfig(seed=0)).test
@@ -158,7 +158,7 @@ def main() -> int:
 (`seed` {args.seeds}), one run, same scenes (data seed 0: 2,000 train / 200 val / 4×100 test scenes, 64×64),
 same segmenter (`fcn-tiny`, 12 epochs, batch 16, AdamW 2e-3 cosine), β = 0.03, patch side 12–28 px; the
 configs are `configs/train/dense*.yaml`. Cells are mean±std over seeds, in %. Pixel metrics are over all
-test pixels of the scenes of that anomaly kind with void pixels ignored: AP with the anomaly as positive
+test pixels of the scenes of that anomaly set with void pixels ignored: AP with the anomaly as positive
 class, FPR@95 = share of anomaly pixels accepted when 95% of inlier pixels are, AUROC. mIoU is over the
 7 inlier classes on labelled test pixels. `js` = JS(U‖softmax) per pixel (the paper's anomaly score is
 its negation), `msp` = max-softmax, `energy` = logsumexp of the logits.

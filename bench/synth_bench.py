@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, today, write_section  # noqa: E402
-from synth.knn_index import kth_distance  # noqa: E402
+from oodforge.knn import kth_distance  # noqa: E402
 
 
 def numpy_kth(queries: np.ndarray, bank: np.ndarray, k: int, chunk: int = 1000) -> np.ndarray:

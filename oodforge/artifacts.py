@@ -1,12 +1,8 @@
-"""What every detector artifact directory shares: atomic writes, checksums, spec reading, kind dispatch.
+"""Detector artifact files: atomic writes, checksums, reading the spec JSON and the weights.
 
-An artifact is a directory with ``model.safetensors`` and ``detector.json`` (DESIGN.md §4). Its ``kind``
-(``classifier``, the default for artifacts that do not name one, or ``dense``) says which class loads
-it; :func:`load_artifact` dispatches through ``ARTIFACT_KINDS`` so callers (the API, the evaluator)
-never branch on it.
-
-Example:
-    >>> detector = load_artifact("runs/dense_flow/detector")   # a DenseDetector
+An artifact is a directory with ``model.safetensors`` and ``detector.json`` (DESIGN.md §4). This module
+knows files, not kinds: :mod:`oodforge.detector` validates the spec and its ``KINDS`` registry picks the
+class that rebuilds the model.
 """
 
 from __future__ import annotations
@@ -19,24 +15,18 @@ import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from oodforge.config import StrictModel
-from oodforge.data.transforms import Preprocess
-from oodforge.registry import Registry
-
-FORMAT_VERSION = 1
+SUPPORTED_FORMAT = 2  # the newest detector.json format this version reads
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "detector.json"
-DEFAULT_KIND = "classifier"
 
-SpecT = TypeVar("SpecT", bound=StrictModel)
+SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
 class ArtifactError(RuntimeError):
@@ -44,6 +34,7 @@ class ArtifactError(RuntimeError):
 
 
 def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape a detector's numbers."""
     out = {"python": platform.python_version()}
     for pkg in ("oodforge", "torch", "transformers", "safetensors", "faiss-cpu", "numpy"):
         try:
@@ -54,6 +45,7 @@ def library_versions() -> dict[str, str]:
 
 
 def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's content."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -62,9 +54,10 @@ def sha256(path: Path) -> str:
 
 
 def write_artifact(path: str | Path, tensors: dict[str, torch.Tensor], spec: SpecT) -> SpecT:
-    """Write ``tensors`` + ``spec`` (with its ``weights_sha256`` filled in) atomically: temp dir + rename.
+    """Write ``tensors`` + ``spec`` (its ``checksums`` filled in) atomically: temp dir + rename.
 
-    An existing directory at ``path`` is replaced. Returns the spec as written.
+    An existing directory at ``path`` is replaced; the directory is world-readable (0755, files 0644)
+    so a server running as another user (a container's) can read it. Returns the spec as written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,10 +65,13 @@ def write_artifact(path: str | Path, tensors: dict[str, torch.Tensor], spec: Spe
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         save_file(
-            tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "oodforge": str(FORMAT_VERSION)}
+            tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "oodforge": str(SUPPORTED_FORMAT)}
         )
-        spec = spec.model_copy(update={"weights_sha256": sha256(tmp / WEIGHTS_FILE)})
+        spec = spec.model_copy(update={"checksums": {WEIGHTS_FILE: sha256(tmp / WEIGHTS_FILE)}})
         (tmp / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
+        for file in (tmp / WEIGHTS_FILE, tmp / SPEC_FILE):
+            file.chmod(0o644)
+        tmp.chmod(0o755)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -102,22 +98,11 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{spec_file} is not valid JSON ({err}); re-export the detector") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{spec_file} is not a JSON object; re-export the detector")
-    if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+    if data.get("format_version", 1) > SUPPORTED_FORMAT:
         raise ArtifactError(
             f"{spec_file} has format_version {data['format_version']}; upgrade oodforge to load it"
         )
     return data
-
-
-def read_spec(path: Path, spec_cls: type[SpecT]) -> SpecT:
-    """``detector.json`` of ``path`` validated into ``spec_cls``; :class:`ArtifactError` says what is wrong."""
-    try:
-        return spec_cls.model_validate(read_json(path))
-    except ValidationError as err:
-        keys = ", ".join(".".join(map(str, e["loc"])) for e in err.errors())
-        raise ArtifactError(
-            f"{path / SPEC_FILE} is malformed (problem with: {keys}); re-export the detector"
-        ) from None
 
 
 def read_weights(path: Path, expected_sha256: str, verify: bool = True) -> dict[str, torch.Tensor]:
@@ -140,62 +125,3 @@ def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     """The entries of ``tensors`` under ``prefix.`` with the prefix removed."""
     start = len(prefix) + 1
     return {k[start:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
-class Loadable(Protocol):
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Any: ...
-
-
-ARTIFACT_KINDS: Registry[type[Loadable]] = Registry("detector kind")
-
-
-class ArtifactDetector:
-    """What both detector kinds share: a model, its ``detector.json`` spec, the device, and ``save``.
-
-    Subclasses add inference and ``load``; :meth:`tensors` says what goes into ``model.safetensors``.
-    """
-
-    def __init__(self, model: nn.Module, spec: Any, device: str | torch.device = "cpu") -> None:
-        self.model = model.eval().to(device)
-        self.spec = spec
-        self.device = torch.device(device)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def threshold(self) -> float:
-        return self.spec.threshold.value
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.spec.class_names
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return self.spec.preprocess
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The weights file's content: the model's state under ``model.``."""
-        return {f"model.{k}": v for k, v in self.model.state_dict().items()}
-
-    def save(self, path: str | Path) -> Path:
-        """Write the artifact atomically (temp dir + rename); an existing directory is replaced."""
-        self.spec = write_artifact(path, self.tensors(), self.spec)
-        return Path(path)
-
-
-def load_artifact(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Any:
-    """Load any detector artifact: a ``Detector`` (classifier) or a ``DenseDetector`` (per-pixel maps)."""
-    import oodforge.dense_detector  # noqa: F401  (registers the kinds)
-    import oodforge.detector  # noqa: F401
-
-    path = Path(path)
-    kind = read_json(path).get("kind", DEFAULT_KIND)
-    try:
-        loader = ARTIFACT_KINDS.get(kind)
-    except KeyError as err:
-        raise ArtifactError(f"{path / SPEC_FILE}: {err.args[0]}; upgrade oodforge to load it") from None
-    return loader.load(path, device=device, verify=verify)

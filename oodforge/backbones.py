@@ -16,11 +16,11 @@ and the logits. The ``HEADS`` registry says what replaces it:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, ResNetConfig
 
@@ -39,9 +39,16 @@ class HeadConfig(StrictModel):
             against them when set). Stored in ``detector.json``.
     """
 
-    name: Literal["linear", "cosine", "isomax_plus"] = "linear"
+    name: str = "linear"
     tau: float = Field(0.1, gt=0)
     embed_dim: int | None = Field(None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in HEADS:
+            raise ValueError(f"unknown head {name!r}; choose one of: {', '.join(HEADS.names())}")
+        return name
 
 
 class BackboneConfig(StrictModel):

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from oodforge.config import StrictModel
 from oodforge.registry import Registry
@@ -75,8 +74,15 @@ class PoolingSpec(StrictModel):
         q: The quantile of ``quantile``.
     """
 
-    name: Literal["quantile", "mean", "min"] = "quantile"
+    name: str = "quantile"
     q: float = Field(0.01, ge=0.0, le=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in POOLINGS:
+            raise ValueError(f"unknown pooling {name!r}; choose one of: {', '.join(POOLINGS.names())}")
+        return name
 
 
 POOLINGS: Registry[Callable[[torch.Tensor, float], torch.Tensor]] = Registry("pooling")

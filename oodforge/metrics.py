@@ -20,7 +20,7 @@ FPR95_DEFINITION = (
     "ID samples (ID = positive class)."
 )
 METRIC_KEYS = ("auroc", "fpr95", "aupr_in", "aupr_out")
-KINDS = ("near", "far")
+SHIFTS = ("near", "far")
 
 
 def _as_scores(name: str, scores: Any) -> np.ndarray:
@@ -151,24 +151,24 @@ def summarize(
 
     Args:
         id_scores: ``[N]`` scores of the ID test set.
-        ood: ``{set name: (scores, kind)}`` with kind ``"near"`` or ``"far"``.
+        ood: ``{set name: (scores, shift)}`` with shift ``"near"`` or ``"far"``.
         tpr: ID acceptance rate for ``fpr95``.
 
     Returns:
-        ``{"ood": {name: {auroc, fpr95, aupr_in, aupr_out, "kind"}}, "near": {mean of the four},
+        ``{"ood": {name: {auroc, fpr95, aupr_in, aupr_out, "shift"}}, "near": {mean of the four},
         "far": {...}}``; a group without sets is ``{}``.
     """
     id_scores = _as_scores("id_scores", id_scores)
     per_set: dict[str, dict[str, Any]] = {}
-    for name, (scores, kind) in ood.items():
-        if kind not in KINDS:
-            raise ValueError(f"OOD set {name!r} has kind {kind!r}; it must be one of {', '.join(KINDS)}")
+    for name, (scores, shift) in ood.items():
+        if shift not in SHIFTS:
+            raise ValueError(f"OOD set {name!r} has shift {shift!r}; it must be one of {', '.join(SHIFTS)}")
         try:
-            per_set[name] = {**ood_metrics(id_scores, scores, tpr), "kind": kind}
+            per_set[name] = {**ood_metrics(id_scores, scores, tpr), "shift": shift}
         except ValueError as err:
             raise ValueError(f"OOD set {name!r}: {err}") from None
     out: dict[str, dict[str, Any]] = {"ood": per_set}
-    for kind in KINDS:
-        group = [m for m in per_set.values() if m["kind"] == kind]
-        out[kind] = {key: float(np.mean([m[key] for m in group])) for key in METRIC_KEYS} if group else {}
+    for shift in SHIFTS:
+        group = [m for m in per_set.values() if m["shift"] == shift]
+        out[shift] = {key: float(np.mean([m[key] for m in group])) for key in METRIC_KEYS} if group else {}
     return out

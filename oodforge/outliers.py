@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -60,13 +60,13 @@ CARD_FILE = "card.json"
 PREVIEW_FILE = "preview.png"
 IMAGES_DIR = "images"
 PARTS_DIR = "parts"
-POOLS = ("pixel", "knn", "sd")
-LATENT_POOLS = ("knn", "sd")
 LATENT_NDIM = {"knn": 2, "sd": 4}
 KEPT = "kept"
 
 Pool = Literal["pixel", "knn", "sd"]
 LatentPool = Literal["knn", "sd"]
+POOLS: tuple[str, ...] = get_args(Pool)
+LATENT_POOLS: tuple[str, ...] = get_args(LatentPool)
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _SHARD = re.compile(r"[A-Za-z0-9_]+")
@@ -268,6 +268,10 @@ class OutlierWriter:
     def done_ids(self) -> set[str]:
         """Ids already recorded (kept or rejected) in this directory: skip them when resuming."""
         return set(self._done)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The records this shard has written so far (its journal), in write order."""
+        return _read_jsonl(self.journal)
 
     def _append(self, records: list[dict[str, Any]]) -> None:
         text = "".join(_dumps(r) + "\n" for r in records)

@@ -7,7 +7,7 @@ Every score is a :class:`Score` object with one interface, so callers never bran
     tensors, params = score.state_dict(), score.params()                  # -> safetensors / JSON
 
 The math lives in pure functions (:func:`msp`, :func:`max_logit`, :func:`energy`, :func:`entropy`,
-:func:`kth_nn_distance`, :func:`mahalanobis_distances`); the classes only hold fitted statistics.
+:func:`oodforge.knn.kth_distance`, :func:`mahalanobis_distances`); the classes only hold fitted statistics.
 A score that needs more than ``(logits, features)`` (e.g. a head's parameters) keeps them as tensors in
 its state and gets them in an extra fitting step of its own; the call signature stays the same.
 """
@@ -19,11 +19,11 @@ import math
 import warnings
 from typing import Any, ClassVar
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from oodforge.knn import KNNIndex
 from oodforge.registry import Registry
 
 # --------------------------------------------------------------------------- pure functions on logits
@@ -62,80 +62,6 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- pure functions on features
-
-_GPU_MAX_K = 2048  # faiss GPU brute-force search supports k up to 2048
-_gpu_resources: Any = None
-
-
-def _faiss_index(bank: np.ndarray, use_gpu: bool) -> Any:
-    index = faiss.IndexFlatL2(bank.shape[1])
-    if use_gpu and faiss.get_num_gpus() > 0:
-        global _gpu_resources
-        if _gpu_resources is None:
-            _gpu_resources = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(_gpu_resources, 0, index)
-    index.add(bank)
-    return index
-
-
-def kth_nn_distance(
-    queries: np.ndarray,
-    bank: np.ndarray,
-    k: int,
-    exclude_self: bool = False,
-    use_gpu: bool = False,
-    batch_size: int | None = None,
-) -> np.ndarray:
-    """Euclidean distance from each query to its k-th nearest neighbour in ``bank`` (exact search, FAISS).
-
-    ``d_k(q) = ‖q − b_(k)‖₂`` where ``b_(1), b_(2), …`` are the bank rows sorted by distance to ``q``.
-    No normalisation is applied here (callers L2-normalise first where the method asks for it).
-    Neighbours are found with ``faiss.IndexFlatL2`` (squared distances); the returned distance of the
-    chosen neighbour is recomputed directly as ``‖q − b‖₂`` in float32, which avoids the cancellation
-    error of FAISS's ``‖q‖² + ‖b‖² − 2q·b`` for near-duplicates.
-
-    Args:
-        queries: ``[N, D]`` query points.
-        bank: ``[M, D]`` reference points.
-        k: which neighbour (1 = nearest).
-        exclude_self: the queries are rows of ``bank`` themselves (e.g. ID-to-ID distances); the
-            self-match is skipped by searching ``k + 1`` neighbours and taking the last one. Exact also
-            with duplicate rows: one zero-distance copy is dropped, the others count as neighbours.
-        use_gpu: search on GPU 0 with FAISS GPU resources, only if ``faiss.get_num_gpus() > 0`` and
-            ``k`` is within the GPU limit (2048); otherwise the CPU index is used.
-        batch_size: queries per FAISS call (bounds the ``[batch, k]`` result memory); default keeps
-            each batch's result at about 16M entries.
-
-    Returns:
-        ``[N]`` float32 distances.
-
-    Raises:
-        ValueError: on non-2-D inputs, mismatched dimensions, ``k < 1`` or a bank with too few rows.
-    """
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    bank = np.ascontiguousarray(bank, dtype=np.float32)
-    if queries.ndim != 2 or bank.ndim != 2:
-        raise ValueError(f"queries and bank must be 2-D [N, D], got shapes {queries.shape} and {bank.shape}")
-    if queries.shape[1] != bank.shape[1]:
-        raise ValueError(f"queries have dimension {queries.shape[1]} but the bank has {bank.shape[1]}")
-    if isinstance(k, bool) or int(k) != k or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    k = int(k)
-    n_search = k + 1 if exclude_self else k
-    if n_search > len(bank):
-        extra = " (k + 1 with exclude_self)" if exclude_self else ""
-        raise ValueError(f"k={k}{extra} needs at least {n_search} bank rows, the bank has {len(bank)}")
-    out = np.empty(len(queries), dtype=np.float32)
-    if len(queries) == 0:
-        return out
-    index = _faiss_index(bank, use_gpu and n_search <= _GPU_MAX_K)
-    step = batch_size or max(1, (1 << 24) // n_search)
-    for start in range(0, len(queries), step):
-        q = queries[start : start + step]
-        _, idx = index.search(q, n_search)
-        kth = bank[idx[:, n_search - 1]]
-        out[start : start + len(q)] = np.linalg.norm(q - kth, axis=1)
-    return out
 
 
 def mahalanobis_distances(
@@ -324,7 +250,7 @@ class KNN(Score):
     """Deep nearest neighbours (Sun et al., arXiv 2204.06507): ``−‖ĥ − b̂_(k)‖₂``.
 
     ``ĥ = h / ‖h‖`` and ``b̂_(k)`` is the k-th nearest of the L2-normalised ID train features (the bank);
-    see :func:`kth_nn_distance`. Search runs on GPU when the features are on a CUDA device and
+    see :class:`oodforge.knn.KNNIndex` (built once when fitted or loaded). Search runs on GPU when
     faiss-gpu is installed.
 
     Args:
@@ -339,10 +265,15 @@ class KNN(Score):
             raise ValueError(f"knn k must be a positive integer, got {k!r}")
         self.k = int(k)
         self.bank: np.ndarray | None = None
+        self._index: KNNIndex | None = None
 
     @property
     def is_fitted(self) -> bool:
         return self.bank is not None
+
+    def _set_bank(self, bank: np.ndarray) -> None:
+        self.bank = bank
+        self._index = KNNIndex(bank)
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> KNN:
         features = _check_2d("features", features)
@@ -354,14 +285,14 @@ class KNN(Score):
                 stacklevel=2,
             )
             self.k = len(features)
-        self.bank = _normalize(features)
+        self._set_bank(_normalize(features))
         return self
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         self._require_fitted()
-        assert self.bank is not None
-        features = _features(self.name, features, self.bank.shape[1])
-        dist = kth_nn_distance(_normalize(features), self.bank, self.k, use_gpu=features.is_cuda)
+        assert self._index is not None
+        features = _features(self.name, features, self._index.dim)
+        dist = self._index.kth_distance(_normalize(features), self.k)
         return -torch.from_numpy(dist).to(features.device)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -377,7 +308,7 @@ class KNN(Score):
             )
         if len(bank) < self.k:
             raise ValueError(f"knn state 'bank' has {len(bank)} rows, fewer than k={self.k}")
-        self.bank = np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32)
+        self._set_bank(np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32))
 
     def params(self) -> dict[str, float | int]:
         return {"k": self.k}

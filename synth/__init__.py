@@ -1,4 +1,6 @@
-"""Outlier synthesis with Stable Diffusion (generator, kNN boundary sampler, FAISS filter, writer).
+"""Outlier synthesis with Stable Diffusion: the generator, the kNN boundary sampler, the ID-near filter.
 
-Not built yet: this package is filled in by the synth issue (#3). It depends only on ``oodforge``.
+``python -m synth fit-generator`` fits the embedded generator (or textual inversion of a real SD
+checkpoint); ``python -m synth generate`` writes an outlier dataset (``oodforge.outliers``). Depends
+only on ``oodforge``; the trainer reads what it writes from disk.
 """

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from synth.knn_index import kth_distance
+from oodforge.knn import kth_distance
 from synth.sampler import normalize
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from tqdm.auto import tqdm
 
 from oodforge.config import StrictModel
+from oodforge.progress import progress
 from oodforge.tokens import placeholder_token
 from synth.generator import PROMPT
 
@@ -68,7 +68,7 @@ def fit_vae(
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, cfg.vae_steps, cfg.warmup_steps))
     vae.train()
-    bar = tqdm(range(cfg.vae_steps), desc="fit VAE", disable=None)
+    bar = progress(range(cfg.vae_steps), desc="fit VAE")
     for step in bar:
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
         x = _shift(images[idx], cfg.augment_shift, gen)
@@ -138,7 +138,7 @@ def fit_unet(
     unet.train()
     text_encoder.train()
     started = time.perf_counter()
-    bar = tqdm(range(cfg.unet_steps), desc="fit UNet", disable=None)
+    bar = progress(range(cfg.unet_steps), desc="fit UNet")
     for step in bar:
         idx = torch.randint(0, len(mean), (cfg.batch_size,), generator=gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling

@@ -27,9 +27,9 @@ import torch
 from diffusers import AutoencoderKL
 from pydantic import Field
 
+from oodforge.artifacts import library_versions
 from oodforge.config import StrictModel
 from oodforge.data import Benchmark, DataConfig, load_benchmark
-from oodforge.detector import library_versions
 from oodforge.tokens import placeholder_token
 from synth.embedded import TinySDConfig, build_components
 from synth.fit import FitConfig, encode_latents, fit_unet, fit_vae, images_to_tensor
@@ -64,14 +64,14 @@ class FitGeneratorConfig(StrictModel):
 
 def measure_fidelity(generator: Generator, cfg: FidelityConfig, seed: int = 0) -> dict:
     """Share of class-prompted samples that the classifier assigns to the prompted class."""
-    from oodforge.detector import Detector
+    from oodforge.detector import ClassifierDetector
 
     if not (cfg.classifier / "detector.json").is_file():
         return {
             "fidelity": None,
             "note": f"not measured: no classifier at {cfg.classifier} (run `make demo` first)",
         }
-    classifier = Detector.load(cfg.classifier)
+    classifier = ClassifierDetector.load(cfg.classifier)
     if classifier.class_names != generator.class_names:
         raise ValueError(
             f"classifier {cfg.classifier} has classes {classifier.class_names}, not {generator.class_names}"
@@ -171,7 +171,7 @@ def fit_embedded(cfg: FitGeneratorConfig, out: Path, command: str = "") -> dict:
         pipe.to(torch.float16 if cfg.save_dtype == "float16" else torch.float32).save_pretrained(final)
         shutil.copy(log_path, final / "fit_log.jsonl")
         card = {
-            "kind": "oodforge embedded generator",
+            "recipe": "oodforge embedded generator",
             "class_names": bench.class_names,
             "placeholder_tokens": [placeholder_token(c) for c in bench.class_names],
             "benchmark": cfg.data.benchmark,
@@ -228,7 +228,7 @@ def invert_pretrained(cfg: FitGeneratorConfig, out: Path, command: str = "") -> 
         pipe.to(torch.float16 if cfg.save_dtype == "float16" else torch.float32).save_pretrained(final)
         shutil.copy(log_path, final / "fit_log.jsonl")
         card = {
-            "kind": f"textual inversion of {cfg.pretrained}",
+            "recipe": f"textual inversion of {cfg.pretrained}",
             "pretrained": cfg.pretrained,
             "revision": cfg.revision,
             "class_names": bench.class_names,

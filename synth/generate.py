@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import Field
-from tqdm.auto import tqdm
 
+from oodforge.artifacts import library_versions
 from oodforge.config import StrictModel
 from oodforge.data import DataConfig, ImageSet, load_benchmark
-from oodforge.detector import Detector, library_versions
+from oodforge.detector import ClassifierDetector
 from oodforge.outliers import OutlierWriter, merge_shards
+from oodforge.progress import progress
 from synth.filter import filter_near, id_threshold
 from synth.generator import Generator, GeneratorConfig
 from synth.sampler import SamplerParams, boundary_sample, rescale
@@ -62,7 +63,9 @@ class SynthConfig(StrictModel):
 
 
 @torch.no_grad()
-def embed_images(teacher: Detector, images: ImageSet, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def embed_images(
+    teacher: ClassifierDetector, images: ImageSet, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """Teacher embeddings of an image set; unreadable images are skipped, counted and named in the log."""
     feats, labels, bad = [], [], []
     batch, batch_labels = [], []
@@ -75,7 +78,7 @@ def embed_images(teacher: Detector, images: ImageSet, batch_size: int = 256) -> 
             batch.clear()
             batch_labels.clear()
 
-    for i in tqdm(range(len(images)), desc="embed ID train", disable=None):
+    for i in progress(range(len(images)), desc="embed ID train"):
         try:
             image, label = images[i]
             batch.append(teacher.preprocess(image))
@@ -135,17 +138,17 @@ def knn_pool(
 
 
 def pixel_pools(
-    cfg: SynthConfig, writer: OutlierWriter, generator: Generator, teacher: Detector, bank: np.ndarray,
+    cfg: SynthConfig, writer: OutlierWriter, generator: Generator, teacher: ClassifierDetector, bank: np.ndarray,
     tau: float, vectors: dict[int, torch.Tensor], rank: int, world: int,
 ) -> None:  # fmt: skip
     """Decode outlier vectors with SD: ``sd`` latents for every candidate, filtered images as pixel outliers."""
     n_classes = len(vectors)
     target = cfg.counts.pixel // world + (1 if rank < cfg.counts.pixel % world else 0)
     done = writer.done_ids()
-    mine = [r for r in _records(writer) if r["pool"] == "pixel" and r["kept"]]
+    mine = [r for r in writer.records() if r["pool"] == "pixel" and r["kept"]]
     kept = len(mine)
     limit = math.ceil(target * cfg.counts.max_candidates_factor)
-    bar = tqdm(total=target, initial=min(kept, target), desc=f"pixel outliers [{rank}]", disable=None)
+    bar = progress(total=target, initial=min(kept, target), desc=f"pixel outliers [{rank}]")
     rejected = 0
     j = rank
     while kept < target and j // world < limit:
@@ -185,13 +188,6 @@ def pixel_pools(
         )
 
 
-def _records(writer: OutlierWriter) -> list[dict]:
-    from oodforge.outliers import _read_jsonl
-
-    journal = writer.root / "parts" / f"metadata-{writer.shard}.jsonl"
-    return _read_jsonl(journal) if journal.exists() else []
-
-
 def generate(cfg: SynthConfig, out: Path) -> dict:
     """Run the whole synthesis into ``out``; returns the card (main process) or {} (others)."""
     from accelerate import PartialState
@@ -204,7 +200,7 @@ def generate(cfg: SynthConfig, out: Path) -> dict:
             f"teacher detector {cfg.teacher} does not exist; train it with "
             "`accelerate launch trainer/train_oal.py --config configs/train/teacher.yaml`"
         )
-    teacher = Detector.load(cfg.teacher, device=str(state.device))
+    teacher = ClassifierDetector.load(cfg.teacher, device=str(state.device))
     bench = load_benchmark(cfg.data)
     if teacher.class_names != bench.class_names:
         raise ValueError(f"teacher classes {teacher.class_names} differ from the data's {bench.class_names}")

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import field_validator
 
 from oodforge.config import StrictModel
 from oodforge.tokens import add_placeholder_tokens, placeholder_token
@@ -24,19 +24,41 @@ PROMPT = "a high-quality image of the {token}"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+SCHEDULERS: dict[str, str | None] = {
+    "dpm": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "pipeline": None,  # keep the checkpoint's own scheduler
+}
+"""``generator.scheduler`` -> the diffusers scheduler class that replaces the pipeline's."""
+
+
 class GeneratorConfig(StrictModel):
-    """Which pipeline to load and how to sample it."""
+    """Which pipeline to load and how to sample it (``scheduler``: a key of :data:`SCHEDULERS`)."""
 
     pretrained: str = "generators/tiny-mnist-open"
     revision: str | None = None
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: str = "float32"
     device: str = "auto"
     steps: int = 25
     guidance_scale: float = 3.0
     height: int | None = None
     width: int | None = None
-    scheduler: Literal["dpm", "ddim", "pipeline"] = "dpm"
+    scheduler: str = "dpm"
     prompt: str = PROMPT
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+        return name
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, name: str) -> str:
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
+        return name
 
 
 def _looks_local(name: str) -> bool:
@@ -66,7 +88,8 @@ class Generator:
     @classmethod
     def load(cls, cfg: GeneratorConfig, class_names: list[str]) -> Generator:
         """``from_pretrained`` on ``cfg.pretrained`` (Hub id or directory); errors say what to run."""
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+        import diffusers
+        from diffusers import StableDiffusionPipeline
 
         name = cfg.pretrained
         missing = (
@@ -87,9 +110,9 @@ class Generator:
             )
         except OSError as err:
             raise FileNotFoundError(f"{missing} ({err})") from None
-        schedulers = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}
-        if cfg.scheduler in schedulers:
-            pipe.scheduler = schedulers[cfg.scheduler].from_config(pipe.scheduler.config)
+        scheduler = SCHEDULERS[cfg.scheduler]
+        if scheduler is not None:
+            pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
         pipe = pipe.to(resolve_device(cfg.device))
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, cfg, class_names)

@@ -24,9 +24,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from oodforge.config import StrictModel
+from oodforge.progress import progress
 from oodforge.tokens import add_placeholder_tokens
 from synth.fit import _cosine, prompt_ids
 
@@ -128,7 +128,7 @@ def fit_tokens(
     opt = torch.optim.AdamW([table], lr=cfg.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, cfg.steps, cfg.warmup_steps))
     started = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="textual inversion", disable=None)
+    bar = progress(range(cfg.steps), desc="textual inversion")
     try:
         for step in bar:
             idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)

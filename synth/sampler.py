@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from oodforge.config import StrictModel
-from synth.knn_index import kth_distance
+from oodforge.knn import kth_distance
 
 log = logging.getLogger(__name__)
 

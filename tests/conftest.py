@@ -12,7 +12,7 @@ from PIL import Image
 
 from oodforge.backbones import BackboneConfig, HeadConfig, build_classifier
 from oodforge.data.transforms import Preprocess
-from oodforge.detector import Detector, ThresholdSpec, build_spec
+from oodforge.detector import ClassifierDetector
 from oodforge.outliers import OutlierWriter
 from oodforge.scores import build_score
 
@@ -33,15 +33,15 @@ class OODAssets:
 
 
 def save_detector(model: torch.nn.Module, path: Path, name: str) -> Path:
-    spec = build_spec(
+    detector = ClassifierDetector.create(
         name=name,
-        model=model,
+        model=model.eval(),
+        score=build_score("energy"),
         preprocess=Preprocess(),
         class_names=CLASSES,
-        score=build_score("energy"),
-        threshold=ThresholdSpec(value=0.0, n_samples=1),
+        val_scores=np.zeros(1),
     )
-    return Detector(model.eval(), build_score("energy"), spec).save(path)
+    return detector.save(path)
 
 
 def write_outliers(root: Path, knn_width: int, sd: bool, seed: int = 0) -> Path:

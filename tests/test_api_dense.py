@@ -14,17 +14,18 @@ import torch.nn.functional as F
 from PIL import Image
 from serving import detectors_dir, metric_value, png_bytes, run_batcher, running_server
 
-from api.batching import concat_predictions, slice_prediction
 from oodforge.data.transforms import Preprocess
 from oodforge.dense import PoolingSpec
-from oodforge.dense_detector import (
+from oodforge.detector import (
     MAP_ENCODING,
+    Calibration,
     DenseDetector,
-    DensePrediction,
+    DenseHead,
+    Prediction,
+    ScoreSpec,
     anomaly_png,
-    build_dense_spec,
+    make_spec,
 )
-from oodforge.detector import ThresholdSpec
 from oodforge.segmenters import SegmenterConfig, build_segmenter
 
 SEG_CLASSES = ["background", "0", "1", "2", "3", "4", "5"]
@@ -51,16 +52,21 @@ def save_dense(path: Path, images: list[Image.Image]) -> Path:
     seg = build_segmenter(SegmenterConfig(name="fcn-tiny", options={"widths": [8, 8, 8]}), len(SEG_CLASSES))
 
     def spec(threshold: float, map_range: tuple[float, float]):
-        return build_dense_spec(
-            name="dense",
-            model=seg,
-            preprocess=Preprocess(size=64),
-            class_names=SEG_CLASSES,
-            pixel_score="js",
+        head = DenseHead(
+            segmenter=seg.architecture(),
             pooling=PoolingSpec(),
-            threshold=ThresholdSpec(value=threshold, n_samples=len(images)),
             pixel_threshold=threshold,
             map_range=map_range,
+        )
+        return make_spec(
+            kind="dense",
+            name="dense",
+            preprocess=Preprocess(size=64),
+            class_names=SEG_CLASSES,
+            score=ScoreSpec(name="js"),
+            threshold=threshold,
+            calibration=Calibration(n_samples=len(images)),
+            head=head,
         )
 
     raw = DenseDetector(seg, spec(0.0, (0.0, 1.0))).predict(images)
@@ -112,11 +118,11 @@ def test_both_kinds_are_listed(served):
     assert one["score"] == {
         "name": "js",
         "pooling": {"name": "quantile", "q": 0.01},
-        "pixel_threshold": detector.spec.pixel_threshold,
-        "map_range": list(detector.spec.map_range),
+        "pixel_threshold": detector.head.pixel_threshold,
+        "map_range": list(detector.head.map_range),
     }
     assert one["threshold"]["score"] == "js" and one["threshold"]["value"] == detector.threshold
-    assert one["detector"]["version"] == detector.spec.weights_sha256[:12]
+    assert one["detector"]["version"] == detector.spec.version
 
 
 # ------------------------------------------------------------------ scoring with maps
@@ -140,11 +146,11 @@ def test_maps_have_each_images_size_and_the_scores_are_predicts(served):
         anomaly = result["map"]
         assert anomaly["shape"] == [image.height, image.width]
         assert anomaly["encoding"] == MAP_ENCODING and anomaly["pixel_score"] == "js"
-        assert anomaly["range"] == list(detector.spec.map_range)
-        assert anomaly["pixel_threshold"] == detector.spec.pixel_threshold
+        assert anomaly["range"] == list(detector.head.map_range)
+        assert anomaly["pixel_threshold"] == detector.head.pixel_threshold
         pixels = map_pixels(anomaly)
         reference = Image.open(
-            io.BytesIO(anomaly_png(expected.maps[0], detector.spec.map_range, anomaly["shape"]))
+            io.BytesIO(anomaly_png(expected.maps[0], detector.head.map_range, anomaly["shape"]))
         )
         assert np.abs(pixels.astype(int) - np.asarray(reference).astype(int)).max() <= 1
     assert {r["is_ood"] for r in body["results"]} == {True, False}  # the threshold lies between them
@@ -160,7 +166,7 @@ def test_the_map_encodes_the_scores(served):
         ).json()
     pixels = map_pixels(result["results"][0]["map"]).astype(int)
     scores = resized(detector.predict(image).maps[0], WIDE)
-    lo, hi = detector.spec.map_range
+    lo, hi = detector.head.map_range
     formula = np.round(255 * np.clip((hi - scores) / (hi - lo), 0, 1))
     assert np.abs(pixels - formula).max() <= 1
     by_score = pixels.ravel()[np.argsort(scores.ravel(), kind="stable")]
@@ -221,7 +227,7 @@ def test_concurrent_requests_get_their_own_maps(served):
         (result,) = body["results"]
         assert result["map"]["shape"] == [image.height, image.width]
         assert result["score"] == pytest.approx(float(expected.scores[i]), abs=1e-5)
-        reference = anomaly_png(expected.maps[i], detector.spec.map_range, sizes[i])
+        reference = anomaly_png(expected.maps[i], detector.head.map_range, sizes[i])
         diff = map_pixels(result["map"]).astype(int) - np.asarray(Image.open(io.BytesIO(reference))).astype(
             int
         )
@@ -239,7 +245,9 @@ def test_maps_on_a_classifier_are_a_400_that_says_what_to_do(served):
     for response in (refused, default):
         assert response.status_code == 400
         detail = response.json()["detail"]
-        assert detail.startswith("detector 'ce' is a classifier; anomaly maps come from dense detectors: ")
+        assert detail.startswith(
+            "detector 'ce' is a classifier: it has no per-pixel maps; maps come from dense "
+        )
         assert "dense" in detail.split(":", 1)[1] and "leave out maps=true" in detail
     (result,) = plain.json()["results"]
     assert "map" not in result and isinstance(result["label"], str) and 0 <= result["confidence"] <= 1
@@ -301,19 +309,20 @@ def test_the_batcher_slices_maps_per_job(served):
     assert sizes == [3, 3]  # the 1- and 2-image jobs share a batch; the 3-image one would overfill it
     for pixels, result in zip(jobs, results, strict=True):
         alone = detector.predict_pixels(pixels)
-        assert isinstance(result, DensePrediction) and result.maps.shape == (len(pixels), 64, 64)
+        assert isinstance(result, Prediction) and result.maps.shape == (len(pixels), 64, 64)
         np.testing.assert_allclose(result.maps, alone.maps, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(result.scores, alone.scores, rtol=1e-5, atol=1e-5)
 
 
 def test_slicing_and_joining_keep_every_array_field():
-    whole = DensePrediction(
+    whole = Prediction(
         scores=np.arange(5.0),
         is_ood=np.arange(5) % 2 == 0,
         maps=np.arange(5 * 4).reshape(5, 2, 2).astype(np.float32),
     )
-    parts = [slice_prediction(whole, 0, 2), slice_prediction(whole, 2, 5)]
+    parts = [whole.rows(0, 2), whole.rows(2, 5)]
     assert [len(p.maps) for p in parts] == [2, 3]
-    joined = concat_predictions(parts)
+    assert parts[0].labels is None and parts[1].label_names() == [None] * 3
+    joined = Prediction.concat(parts)
     for name in ("scores", "is_ood", "maps"):
         np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import shutil
 import time
@@ -17,8 +16,8 @@ from serving import digit_like, png_bytes, run_batcher
 from api.auth import key_matches
 from api.batching import MicroBatcher
 from api.detectors import DetectorTable, discover
-from api.images import InputError, decode_base64, decode_image
-from api.settings import CONVERTIBLE_MODES, Batching, Limits, env_overrides, inference_threads, load_settings
+from api.images import InputError, decode_base64, decode_upload
+from api.settings import Batching, Limits, env_overrides, inference_threads, load_settings
 from oodforge.config import ConfigError
 from oodforge.detector import Detector
 
@@ -62,7 +61,7 @@ def test_yaml_then_environment_then_overrides(tmp_path):
     [
         ({"OODFORGE_LIMITS__MAX_FILEZ": "3"}, "unknown key 'limits.max_filez'"),
         ({"OODFORGE_LIMITS__MAX_FILES": "-1"}, "limits.max_files"),
-        ({"OODFORGE_LIMITS__IMAGE_MODES": "[RGB, I;16]"}, "cannot be converted to RGB"),
+        ({"OODFORGE_LIMITS__IMAGE_FORMATS": "[PNG, PSD]"}, "are not supported"),
         ({"OODFORGE_SERVE_CONFIG": "/nonexistent/serve.yaml"}, "does not exist"),
     ],
 )
@@ -73,30 +72,17 @@ def test_wrong_settings_name_the_key(env, message):
 
 def test_the_shipped_serve_config_is_valid():
     settings = load_settings("configs/serve/demo.yaml", environ={})
-    assert settings.default_detector == "oal" and settings.limits.image_modes == ["RGB", "L"]
+    assert settings.default_detector == "oal" and "JPEG" in settings.limits.image_formats
 
 
 # ------------------------------------------------------------------ images
 
 
-@pytest.mark.parametrize("mode", [m for m in CONVERTIBLE_MODES if m not in Limits().image_modes])
-def test_listed_modes_are_converted_to_rgb_like_pil_does(mode):
-    data = png_bytes(digit_like(0, 16).convert(mode), "TIFF")  # TIFF keeps every one of these modes
-    assert Image.open(io.BytesIO(data)).mode == mode
-    with pytest.raises(InputError) as refused:
-        decode_image(data, "x", Limits())  # not accepted by default ...
-    assert refused.value.status == 415
-    decoded = decode_image(data, "x", Limits(image_modes=["RGB", mode]))  # ... converted once allowed
-    reference = Image.open(io.BytesIO(data)).convert("RGB")
-    assert decoded.mode == "RGB"
-    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(reference))
-
-
 def test_formats_outside_the_list_are_refused():
     data = png_bytes(digit_like(0), "BMP")
-    assert decode_image(data, "x", Limits()).size == (28, 28)
+    assert decode_upload(data, "x", Limits()).size == (28, 28)
     with pytest.raises(InputError) as err:
-        decode_image(data, "x", Limits(image_formats=["PNG"]))
+        decode_upload(data, "x", Limits(image_formats=["PNG"]))
     assert err.value.status == 415 and "PNG" in err.value.message
 
 
@@ -111,9 +97,9 @@ def test_base64_variants():
 
 def test_pixel_limit_is_checked_before_decoding():
     data = png_bytes(Image.new("L", (50, 40)))
-    assert decode_image(data, "x", Limits(max_image_pixels=2000)).size == (50, 40)
+    assert decode_upload(data, "x", Limits(max_image_pixels=2000)).size == (50, 40)
     with pytest.raises(InputError) as err:
-        decode_image(data, "x", Limits(max_image_pixels=1999))
+        decode_upload(data, "x", Limits(max_image_pixels=1999))
     assert err.value.status == 413 and "50x40" in err.value.message
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from oodforge.config import ConfigError, apply_overrides, load_config, parse_override
 from trainer.config import TrainConfig
+from trainer.methods import build_method
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,14 +31,15 @@ def test_misspelled_nested_key_is_named(tmp_path: Path) -> None:
 
 
 def test_misspelled_method_arg_is_named(tmp_path: Path) -> None:
-    path = write(tmp_path, "method: ce\nmethod_args:\n  alpah: 4\n")
+    cfg = load_config(write(tmp_path, "method: ce\nmethod_args:\n  alpah: 4\n"), TrainConfig)
     with pytest.raises(ConfigError, match=r"method_args\.alpah"):
-        load_config(path, TrainConfig)
+        build_method(cfg.method, cfg.method_args)  # the first thing trainer.train does
 
 
 def test_unknown_method_and_score_are_errors(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "method: cee\n"), TrainConfig)
     with pytest.raises(ConfigError, match="unknown method 'cee'"):
-        load_config(write(tmp_path, "method: cee\n"), TrainConfig)
+        build_method(cfg.method, cfg.method_args)
     with pytest.raises(ConfigError, match="unknown score 'enrgy'"):
         load_config(write(tmp_path, "export:\n  score: enrgy\n"), TrainConfig)
 

@@ -68,7 +68,7 @@ def test_data_config_validates_fractions_and_keys() -> None:
     with pytest.raises(ConfigError, match="unknown key 'ood.x.colour'"):
         validate(DataConfig, {"ood": {"x": {"path": "/tmp", "colour": 1}}})
     cfg = validate(DataConfig, {"ood": {"x": {"path": "/tmp"}}})
-    assert cfg.ood["x"].kind == "far" and cfg.ood["x"].path == Path("/tmp")
+    assert cfg.ood["x"].shift == "far" and cfg.ood["x"].path == Path("/tmp")
 
 
 # ---------------------------------------------------------------- mnist-open
@@ -254,7 +254,13 @@ def test_imagefolder_rejects_val_classes_missing_from_train(tmp_path: Path) -> N
 def test_ood_folders_are_added_to_any_benchmark(tmp_path: Path) -> None:
     write_png(tmp_path / "ood" / "x.png", seed=0)
     write_png(tmp_path / "ood" / "deeper" / "y.tiff", seed=1, mode="L")
-    cfg = DataConfig(ood={"mine": {"path": tmp_path / "ood", "kind": "near"}})
+    cfg = DataConfig(
+        ood={"mine": {"path": tmp_path / "ood", "kind": "near"}}
+    )  # "kind": the old name of shift
+    assert (
+        cfg.ood["mine"].shift
+        == DataConfig(ood={"mine": {"path": tmp_path, "shift": "near"}}).ood["mine"].shift
+    )
     b = load_benchmark(cfg)
     assert b.near() == ["digits-6-9", "mine"]
     s = b.ood["mine"].images

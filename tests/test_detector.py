@@ -10,7 +10,7 @@ from PIL import Image
 
 from oodforge.backbones import BackboneConfig, build_classifier
 from oodforge.data.transforms import Preprocess
-from oodforge.detector import ArtifactError, Detector, ThresholdSpec, build_spec
+from oodforge.detector import ArtifactError, ClassifierDetector, Detector
 from oodforge.scores import build_score
 
 TINY = {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]}
@@ -22,15 +22,14 @@ def detector() -> Detector:
     model = build_classifier(BackboneConfig(options=TINY), num_classes=3).eval()
     bank = torch.randn(40, 16)
     score = build_score("knn", k=5).fit(bank, torch.arange(40) % 3)
-    spec = build_spec(
+    return ClassifierDetector.create(
         name="tiny",
         model=model,
+        score=score,
         preprocess=Preprocess(),
         class_names=["a", "b", "c"],
-        score=score,
-        threshold=ThresholdSpec(value=-1.0, n_samples=10),
+        val_scores=np.full(10, -1.0),
     )
-    return Detector(model, score, spec)
 
 
 def images(n: int = 5) -> list[Image.Image]:
@@ -48,8 +47,9 @@ def test_round_trip_gives_identical_scores(detector: Detector, tmp_path: Path) -
     assert loaded.threshold == -1.0 and loaded.class_names == ["a", "b", "c"]
     spec = json.loads((path / "detector.json").read_text())
     assert spec["score"] == {"name": "knn", "params": {"k": 5}}
-    assert spec["threshold"]["target_id_tpr"] == 0.95 and spec["threshold"]["split"] == "val"
-    assert "torch" in spec["versions"]
+    assert spec["threshold"] == -1.0 and spec["kind"] == "classifier" and spec["format_version"] == 2
+    assert spec["calibration"]["target_id_tpr"] == 0.95 and spec["calibration"]["split"] == "val"
+    assert "torch" in spec["provenance"]["versions"]
 
 
 def test_predict_outputs_are_consistent(detector: Detector) -> None:
@@ -107,10 +107,10 @@ def test_artifact_without_head_config_loads_as_linear(detector: Detector, tmp_pa
     """detector.json written before heads were configurable has no ``head``: it is the linear head."""
     path = detector.save(tmp_path / "det")
     spec = json.loads((path / "detector.json").read_text())
-    assert spec.pop("head") == {"name": "linear", "tau": 0.1, "embed_dim": None}
+    assert spec["head"].pop("head") == {"name": "linear", "tau": 0.1, "embed_dim": None}
     (path / "detector.json").write_text(json.dumps(spec))
     loaded = Detector.load(path)
-    assert loaded.spec.head.name == "linear"
+    assert loaded.head.head.name == "linear"
     np.testing.assert_array_equal(loaded.predict(images()).scores, detector.predict(images()).scores)
 
 

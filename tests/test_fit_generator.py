@@ -5,11 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from oodforge.backbones import BackboneConfig, build_classifier
 from oodforge.data.transforms import Preprocess
-from oodforge.detector import Detector, ThresholdSpec, build_spec
+from oodforge.detector import ClassifierDetector
 from oodforge.scores import build_score
 from synth.generator import CARD_FILE, Generator, GeneratorConfig
 
@@ -48,9 +49,8 @@ def test_fidelity_is_measured_with_a_classifier(tmp_path: Path) -> None:
     model = build_classifier(
         BackboneConfig(options={"embedding_size": 8, "hidden_sizes": [8], "depths": [1]}), 6
     )
-    spec = build_spec(name="judge", model=model, preprocess=Preprocess(), class_names=[str(d) for d in range(6)],
-                      score=build_score("msp"), threshold=ThresholdSpec(value=0.0, n_samples=1))  # fmt: skip
-    Detector(model, build_score("msp"), spec).save(tmp_path / "judge")
+    ClassifierDetector.create(name="judge", model=model, score=build_score("msp"), preprocess=Preprocess(),
+                              class_names=[str(d) for d in range(6)], val_scores=np.zeros(1)).save(tmp_path / "judge")  # fmt: skip
     proc = run(tmp_path, f"fidelity.classifier={tmp_path / 'judge'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     fid = json.loads((tmp_path / "gen" / CARD_FILE).read_text())["fidelity"]
@@ -68,9 +68,8 @@ def test_failed_fit_resumes_from_its_finished_vae_stage(tmp_path: Path) -> None:
     model = build_classifier(
         BackboneConfig(options={"embedding_size": 8, "hidden_sizes": [8], "depths": [1]}), 3
     )
-    spec = build_spec(name="wrong", model=model, preprocess=Preprocess(), class_names=["a", "b", "c"],
-                      score=build_score("msp"), threshold=ThresholdSpec(value=0.0, n_samples=1))  # fmt: skip
-    Detector(model, build_score("msp"), spec).save(tmp_path / "wrong")
+    ClassifierDetector.create(name="wrong", model=model, score=build_score("msp"), preprocess=Preprocess(),
+                              class_names=["a", "b", "c"], val_scores=np.zeros(1)).save(tmp_path / "wrong")  # fmt: skip
     first = run(tmp_path, f"fidelity.classifier={tmp_path / 'wrong'}")
     assert first.returncode == 2 and "has classes" in first.stderr
     assert (tmp_path / ".gen.work" / "vae-stage" / "stage.json").is_file() and not (tmp_path / "gen").exists()

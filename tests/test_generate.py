@@ -16,7 +16,7 @@ from diffusers import StableDiffusionPipeline
 
 from oodforge.backbones import BackboneConfig, HeadConfig, build_classifier
 from oodforge.data.transforms import Preprocess
-from oodforge.detector import Detector, ThresholdSpec, build_spec
+from oodforge.detector import ClassifierDetector, Detector
 from oodforge.outliers import OutlierDataset
 from oodforge.scores import build_score
 from synth.embedded import TinySDConfig, build_components
@@ -48,9 +48,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         BackboneConfig(options=TINY_NET, head=HeadConfig(name="cosine")), 6, anchors=anchors
     )
     score = build_score("msp")
-    spec = build_spec(name="teacher", model=model, preprocess=Preprocess(), class_names=CLASSES, score=score,
-                      threshold=ThresholdSpec(value=0.0, n_samples=1))  # fmt: skip
-    Detector(model.eval(), score, spec).save(root / "teacher")
+    ClassifierDetector.create(name="teacher", model=model.eval(), score=score, preprocess=Preprocess(),
+                              class_names=CLASSES, val_scores=np.zeros(1)).save(root / "teacher")  # fmt: skip
     return {"gen": root / "gen", "teacher": root / "teacher"}
 
 

@@ -116,7 +116,7 @@ def test_card_records_the_inversion(
     tmp_path, proc = inverted
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = json.loads((tmp_path / "gen" / CARD_FILE).read_text())
-    assert card["kind"] == f"textual inversion of {pretrained}" and card["pretrained"] == str(pretrained)
+    assert card["recipe"] == f"textual inversion of {pretrained}" and card["pretrained"] == str(pretrained)
     assert card["class_names"] == CLASSES and card["placeholder_tokens"] == [
         placeholder_token(c) for c in CLASSES
     ]

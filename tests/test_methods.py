@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -15,10 +16,11 @@ from conftest import CLASSES, TEACHER_WIDTH, OODAssets
 from torch.utils.data import TensorDataset
 
 from oodforge.config import ConfigError, load_config
+from oodforge.data import ArrayImageSet, Benchmark
 from oodforge.detector import Detector
 from trainer.config import TrainConfig
 from trainer.losses.club import club_estimate
-from trainer.methods import METHODS, MethodContext
+from trainer.methods import Method, Plan, build_method
 from trainer.outlier_stream import OutlierStream
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +33,17 @@ TINY = [
     "eval.scores=[energy, msp, knn]",
 ]
 pytestmark = pytest.mark.slow
+
+
+def prepared(config: str, method: str, **args: object) -> tuple[Method, Plan]:
+    """``method`` with ``args`` set up on a tiny model for the 6 classes (``configs/train/<config>``)."""
+    cfg = load_config(
+        REPO / "configs/train" / config, TrainConfig, [f"model.options={TINY[0].split('=', 1)[1]}"]
+    )
+    empty = ArrayImageSet("empty", np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0))
+    bench = Benchmark("tiny", CLASSES, empty, empty, empty)
+    built = build_method(method, args)
+    return built, built.setup(cfg, bench)
 
 
 def oal_args(assets: OODAssets, outliers: Path | None = None) -> list[str]:
@@ -65,7 +78,7 @@ def test_oal_one_epoch_run_logs_every_term_and_exports(tmp_path: Path, ood_asset
     total = logged(run_dir, "train/loss")
     assert sum(total[-5:]) < sum(total[:5])  # the student learns: distillation from the teacher dominates
     detector = Detector.load(run_dir / "detector")
-    assert detector.spec.score.name == "energy" and detector.spec.training["method"] == "oal"
+    assert detector.spec.score.name == "energy" and detector.spec.provenance.training["method"] == "oal"
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["scores"]) == {"energy", "msp", "knn"}
 
@@ -78,17 +91,20 @@ def test_oal_training_lowers_the_club_term(ood_assets: OODAssets, mode: str) -> 
     code, so there the estimate is zero in expectation and only fluctuates; here the pairing is fixed
     and the student features depend on x, so there is mutual information to remove.)
     """
-    cfg = load_config(
-        REPO / "configs/train/oal.yaml", TrainConfig, [f"model.options={TINY[0].split('=', 1)[1]}"]
-    )
-    cls = METHODS.get("oal")
-    args = cls.Config(teacher=ood_assets.teacher, outliers=ood_assets.outliers, club_q_training=mode, delta=0)
     torch.manual_seed(0)
-    method = cls(MethodContext(args, len(CLASSES), cfg, 16))
+    method, plan = prepared(
+        "oal.yaml",
+        "oal",
+        teacher=ood_assets.teacher,
+        outliers=ood_assets.outliers,
+        club_q_training=mode,
+        delta=0,
+    )
     x = torch.randn(256, TEACHER_WIDTH)
     student = torch.nn.Linear(TEACHER_WIDTH, 16)  # features h = W x + noise: they depend on the outliers
     noise = 0.1 * torch.randn(256, 16)
-    groups = [{"params": list(student.parameters()), "lr": 0.05}, *method.param_groups(0.05)]
+    aux = [{**g, "lr": 0.05} for g in plan.param_groups]
+    groups = [{"params": list(student.parameters()), "lr": 0.05}, *aux]
     optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=0.05)
 
     def estimate() -> float:
@@ -101,7 +117,7 @@ def test_oal_training_lowers_the_club_term(ood_assets: OODAssets, mode: str) -> 
             method.clubs["knn"].learning_loss(x, (student(x) + noise).detach()).backward()
             q_opt.step()
     before = estimate()
-    for _ in range(200 if mode == "alternate" else 20):
+    for _ in range(200 if mode == "alternate" else 40):
         optimizer.zero_grad()
         _, term = method._club("knn", x, student(x) + noise)
         term.backward()
@@ -181,18 +197,14 @@ def test_method_trains_logs_its_term_and_exports(
     detector = Detector.load(tmp_path / "runs" / name / "detector")
     assert detector.spec.score.name == score
     if term == "isomax":
-        assert detector.spec.head.name == "isomax_plus"
+        assert detector.head.head.name == "isomax_plus"
 
 
 def test_pixel_methods_use_one_forward_pass(ood_assets: OODAssets) -> None:
     """ID and outlier rows go through the model together, so BatchNorm sees one batch per step."""
-    cfg = load_config(
-        REPO / "configs/train/oe.yaml", TrainConfig, [f"model.options={TINY[0].split('=', 1)[1]}"]
-    )
-    cls = METHODS.get("oe")
-    args = cls.Config(outliers=ood_assets.outliers)
-    model = cls.build_model(args, cfg, CLASSES)
-    method = cls(MethodContext(args, len(CLASSES), cfg, model.feature_dim))
+    method, plan = prepared("oe.yaml", "oe", outliers=ood_assets.outliers)
+    model = plan.model
+    assert set(plan.outliers) == {"pixel"}
     calls: list[int] = []
     model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
     images, outliers = torch.randn(5, 3, 32, 32), torch.randn(7, 3, 32, 32)
@@ -202,32 +214,32 @@ def test_pixel_methods_use_one_forward_pass(ood_assets: OODAssets) -> None:
 
 
 def test_oal_modules_and_learning_rates(ood_assets: OODAssets) -> None:
-    cfg = load_config(
-        REPO / "configs/train/oal.yaml", TrainConfig, [f"model.options={TINY[0].split('=', 1)[1]}"]
+    method, plan = prepared(
+        "oal.yaml", "oal", teacher=ood_assets.teacher, outliers=ood_assets.outliers, aux_lr=0.3
     )
-    cls = METHODS.get("oal")
-    args = cls.Config(teacher=ood_assets.teacher, outliers=ood_assets.outliers, aux_lr=0.3)
-    model = cls.build_model(args, cfg, CLASSES)
-    method = cls(MethodContext(args, len(CLASSES), cfg, model.feature_dim))
+    model = plan.model
     assert method.dt.teacher_dim == TEACHER_WIDTH and method.dt.student_dim == model.feature_dim
     assert method.clubs["knn"].x_dim == TEACHER_WIDTH and method.clubs["sd"].x_dim == 8  # pooled w
     assert not any("teacher" in name for name in method.state_dict())  # frozen, not checkpointed
-    (aux, rest) = method.param_groups(0.005)
-    assert aux["lr"] == 0.3 and len(aux["params"]) == len(list(method.parameters())) and rest["params"] == []
+    (aux,) = plan.param_groups
+    assert aux["lr"] == 0.3 and len(aux["params"]) == len(list(method.parameters()))
+    assert set(plan.outliers) == {"knn", "sd"} and plan.outlier_batch_size == 128
 
-    off = cls.Config(teacher=ood_assets.teacher, outliers=ood_assets.outliers, beta=0, gamma=0, delta=0)
-    bare = cls(MethodContext(off, len(CLASSES), cfg, model.feature_dim))
-    assert not hasattr(bare, "dt") and len(bare.clubs) == 0
+    bare, bare_plan = prepared(
+        "oal.yaml", "oal", teacher=ood_assets.teacher, outliers=ood_assets.outliers, beta=0, gamma=0, delta=0
+    )
+    assert not hasattr(bare, "dt") and len(bare.clubs) == 0 and bare_plan.outliers == {}
 
 
 def test_alternate_club_keeps_q_out_of_the_estimate(ood_assets: OODAssets) -> None:
     """``alternate``: q gets only its likelihood gradient; the student gets only the estimate's."""
-    cfg = load_config(
-        REPO / "configs/train/oal.yaml", TrainConfig, [f"model.options={TINY[0].split('=', 1)[1]}"]
+    method, _ = prepared(
+        "oal.yaml",
+        "oal",
+        teacher=ood_assets.teacher,
+        outliers=ood_assets.outliers,
+        club_q_training="alternate",
     )
-    cls = METHODS.get("oal")
-    args = cls.Config(teacher=ood_assets.teacher, outliers=ood_assets.outliers, club_q_training="alternate")
-    method = cls(MethodContext(args, len(CLASSES), cfg, 16))
     club = method.clubs["knn"]
     x, h = torch.randn(10, TEACHER_WIDTH), torch.randn(10, 16, requires_grad=True)
     estimate, term = method._club("knn", x, h)
@@ -242,7 +254,7 @@ def test_alternate_club_keeps_q_out_of_the_estimate(ood_assets: OODAssets) -> No
         torch.testing.assert_close(got, want)
     with torch.no_grad():
         mu, logvar = club.mu_logvar(x)
-    (args.gamma * club_estimate(mu, logvar, h2)).backward()
+    (method.args.gamma * club_estimate(mu, logvar, h2)).backward()
     torch.testing.assert_close(h_grad, h2.grad)
     assert estimate.item() == pytest.approx(club(x, h).item())
 
@@ -276,6 +288,9 @@ def test_outlier_stream_cycles_and_resumes_at_a_step() -> None:
         OutlierStream(accelerator, data, 11, "tiny")
 
 
-def test_train_config_rejects_unknown_method_args() -> None:
+def test_unknown_method_args_are_named() -> None:
+    cfg = load_config(REPO / "configs/train/oal.yaml", TrainConfig, ["method_args.gama=0.1"])
     with pytest.raises(ConfigError, match="method_args.gama"):
-        load_config(REPO / "configs/train/oal.yaml", TrainConfig, ["method_args.gama=0.1"])
+        build_method(cfg.method, cfg.method_args)
+    with pytest.raises(ConfigError, match="unknown method 'oall'"):
+        build_method("oall", {})

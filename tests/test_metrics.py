@@ -126,15 +126,15 @@ def test_summarize_groups_near_and_far() -> None:
     }
     out = summarize(id_s, sets)
     assert set(out) == {"ood", "near", "far"}
-    for name, (scores, kind) in sets.items():
-        assert out["ood"][name] == {**ood_metrics(id_s, scores), "kind": kind}
+    for name, (scores, shift) in sets.items():
+        assert out["ood"][name] == {**ood_metrics(id_s, scores), "shift": shift}
     for key in ("auroc", "fpr95", "aupr_in", "aupr_out"):
         assert out["near"][key] == pytest.approx(np.mean([out["ood"][n][key] for n in ("a", "b", "b2")]))
         assert out["far"][key] == pytest.approx(out["ood"]["c"][key])
     assert set(out["near"]) == {"auroc", "fpr95", "aupr_in", "aupr_out"}
     only_far = summarize(id_s, {"c": sets["c"]})
     assert only_far["near"] == {} and only_far["far"]["auroc"] == out["far"]["auroc"]
-    with pytest.raises(ValueError, match="kind 'mid'"):
+    with pytest.raises(ValueError, match="shift 'mid'"):
         summarize(id_s, {"x": (id_s, "mid")})
 
 

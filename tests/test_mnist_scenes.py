@@ -12,7 +12,7 @@ from scipy import ndimage
 from oodforge.config import ConfigError, validate
 from oodforge.data import mnist_scenes as ms
 from oodforge.data.mnist_scenes import (
-    ANOMALY_KINDS,
+    ANOMALY_SETS,
     CLASS_NAMES,
     DENSE_BENCHMARKS,
     VOID,
@@ -22,8 +22,8 @@ from oodforge.data.mnist_scenes import (
     scaled_range,
 )
 
-SMALL = {"n_train": 40, "n_val": 10, "n_test_per_kind": 5}
-FAR = [k for k, v in ANOMALY_KINDS.items() if v == "far"]
+SMALL = {"n_train": 40, "n_val": 10, "n_test_per_set": 5}
+FAR = [k for k, v in ANOMALY_SETS.items() if v == "far"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_same_config_gives_identical_scenes_even_after_the_cache_is_cleared(benc
     again = load_scenes(SceneConfig(**SMALL))
     assert all(a is not b for a, b in zip(arrays(bench), arrays(again), strict=True))
     assert all(np.array_equal(a, b) for a, b in zip(arrays(bench), arrays(again), strict=True))
-    assert again.test.kinds == bench.test.kinds
+    assert again.test.anomalies == bench.test.anomalies
 
 
 def test_a_different_seed_gives_different_scenes(bench: DenseBenchmark) -> None:
@@ -64,9 +64,9 @@ def test_a_different_seed_gives_different_scenes(bench: DenseBenchmark) -> None:
 
 
 def test_more_scenes_keep_the_earlier_ones(bench: DenseBenchmark) -> None:
-    fewer = load_scenes(SceneConfig(n_train=15, n_val=10, n_test_per_kind=3))
+    fewer = load_scenes(SceneConfig(n_train=15, n_val=10, n_test_per_set=3))
     assert np.array_equal(fewer.train.images, bench.train.images[:15])
-    for kind in ANOMALY_KINDS:
+    for kind in ANOMALY_SETS:
         assert np.array_equal(fewer.test.subset(kind).images, bench.test.subset(kind).images[:3])
 
 
@@ -76,9 +76,9 @@ def test_cached_arrays_are_read_only_and_the_benchmark_objects_are_fresh(bench: 
     with pytest.raises(ValueError, match="read-only"):
         bench.train.images[0, 0, 0, 0] = 1
     again = load_scenes(SceneConfig(**SMALL))
-    assert again is not bench and again.test.kinds is not bench.test.kinds
-    again.test.kinds.clear()  # mutating one caller's lists leaves the cache intact
-    assert len(load_scenes(SceneConfig(**SMALL)).test.kinds) == len(bench.test)
+    assert again is not bench and again.test.anomalies is not bench.test.anomalies
+    again.test.anomalies.clear()  # mutating one caller's lists leaves the cache intact
+    assert len(load_scenes(SceneConfig(**SMALL)).test.anomalies) == len(bench.test)
 
 
 # ---------------------------------------------------------------- shapes and values
@@ -87,10 +87,10 @@ def test_cached_arrays_are_read_only_and_the_benchmark_objects_are_fresh(bench: 
 def test_shapes_dtypes_and_value_sets(cfg: SceneConfig, bench: DenseBenchmark) -> None:
     assert bench.name == "mnist-scenes"
     assert bench.class_names == CLASS_NAMES == ["background", "0", "1", "2", "3", "4", "5"]
-    assert bench.kinds == ANOMALY_KINDS
+    assert bench.shifts == ANOMALY_SETS
     s = cfg.size
-    for split, n in ((bench.train, 40), (bench.val, 10), (bench.test, 5 * len(ANOMALY_KINDS))):
-        assert len(split) == n == len(split.kinds)
+    for split, n in ((bench.train, 40), (bench.val, 10), (bench.test, 5 * len(ANOMALY_SETS))):
+        assert len(split) == n == len(split.anomalies)
         assert split.images.shape == (n, s, s, 3) and split.images.dtype == np.uint8
         assert split.labels.shape == split.anomaly.shape == (n, s, s)
         assert split.labels.dtype == split.anomaly.dtype == np.uint8
@@ -102,14 +102,14 @@ def test_shapes_dtypes_and_value_sets(cfg: SceneConfig, bench: DenseBenchmark) -
 def test_train_and_val_scenes_have_no_anomalies(bench: DenseBenchmark) -> None:
     for split in (bench.train, bench.val):
         assert not split.anomaly.any()
-        assert split.kinds == [""] * len(split)
+        assert split.anomalies == [""] * len(split)
         assert set(np.unique(split.labels)) >= {0, VOID}  # background and anti-aliased digit edges
 
 
 def test_every_test_scene_has_anomalies_of_one_kind_with_void_labels(bench: DenseBenchmark) -> None:
     test = bench.test
-    assert Counter(test.kinds) == dict.fromkeys(ANOMALY_KINDS, 5)
-    assert test.kinds == [k for k in ANOMALY_KINDS for _ in range(5)]  # grouped in ANOMALY_KINDS order
+    assert Counter(test.anomalies) == dict.fromkeys(ANOMALY_SETS, 5)
+    assert test.anomalies == [k for k in ANOMALY_SETS for _ in range(5)]  # grouped in ANOMALY_SETS order
     assert ((test.anomaly == 1).sum(axis=(1, 2)) > 0).all()
     assert (test.labels[test.anomaly == 1] == VOID).all()
     assert (test.labels[test.anomaly == VOID] == VOID).all()  # anti-aliased anomaly edges
@@ -120,11 +120,11 @@ def test_every_test_scene_has_anomalies_of_one_kind_with_void_labels(bench: Dens
         assert not (test.subset(kind).anomaly == VOID).any()  # squares are opaque: no edges
 
 
-def test_subset_selects_one_kind_and_rejects_unknown_kinds(bench: DenseBenchmark) -> None:
-    for kind in ANOMALY_KINDS:
+def test_subset_selects_one_anomaly_set_and_rejects_unknown_ones(bench: DenseBenchmark) -> None:
+    for kind in ANOMALY_SETS:
         sub = bench.test.subset(kind)
-        idx = [i for i, k in enumerate(bench.test.kinds) if k == kind]
-        assert len(sub) == 5 and sub.kinds == [kind] * 5 and sub.name == f"test-{kind}"
+        idx = [i for i, k in enumerate(bench.test.anomalies) if k == kind]
+        assert len(sub) == 5 and sub.anomalies == [kind] * 5 and sub.name == f"test-{kind}"
         assert np.array_equal(sub.images, bench.test.images[idx])
         assert np.array_equal(sub.labels, bench.test.labels[idx])
         assert np.array_equal(sub.anomaly, bench.test.anomaly[idx])
@@ -132,7 +132,7 @@ def test_subset_selects_one_kind_and_rejects_unknown_kinds(bench: DenseBenchmark
     assert len(bench.test.subset("")) == 0
     assert len(bench.train.subset("")) == len(bench.train)
     assert len(bench.train.subset("faces")) == 0
-    with pytest.raises(KeyError, match=r"unknown anomaly kind 'noise'; choose one of: digits-6-9, faces"):
+    with pytest.raises(KeyError, match=r"unknown anomaly set 'noise'; choose one of: digits-6-9, faces"):
         bench.test.subset("noise")
 
 
@@ -204,7 +204,7 @@ def test_object_sides_scale_with_the_scene_size() -> None:
 
 def test_objects_too_large_for_the_scene_raise_a_clear_error() -> None:
     with pytest.raises(ValueError, match="raise size or lower digit_side / anomaly_side"):
-        load_scenes(SceneConfig(size=32, n_train=1, n_val=1, n_test_per_kind=1, anomaly_side=(64, 64)))
+        load_scenes(SceneConfig(size=32, n_train=1, n_val=1, n_test_per_set=1, anomaly_side=(64, 64)))
 
 
 # ---------------------------------------------------------------- config and registry
@@ -223,8 +223,8 @@ def test_scene_config_rejects_unknown_keys_and_bad_ranges() -> None:
         validate(SceneConfig, {"anomaly_side": [14, 80]})
     with pytest.raises(ConfigError, match="size"):
         validate(SceneConfig, {"size": 16})
-    with pytest.raises(ConfigError, match="n_test_per_kind"):
-        validate(SceneConfig, {"n_test_per_kind": 0})
+    with pytest.raises(ConfigError, match="n_test_per_set"):
+        validate(SceneConfig, {"n_test_per_set": 0})
     assert validate(SceneConfig, {"digits": [3, 3], "size": 48}).digits == (3, 3)
 
 
@@ -242,7 +242,7 @@ def test_default_config_builds_quickly_with_the_documented_sizes() -> None:
     bench = load_scenes(SceneConfig())
     elapsed = time.perf_counter() - start
     assert (len(bench.train), len(bench.val), len(bench.test)) == (2000, 200, 400)
-    assert Counter(bench.test.kinds) == dict.fromkeys(ANOMALY_KINDS, 100)
+    assert Counter(bench.test.anomalies) == dict.fromkeys(ANOMALY_SETS, 100)
     assert not bench.train.anomaly.any() and ((bench.test.anomaly == 1).sum(axis=(1, 2)) > 0).all()
     # scenes are crowded enough: most training scenes show at least two digit classes
     assert np.mean([len(present_classes(labels)) >= 2 for labels in bench.train.labels]) > 0.8

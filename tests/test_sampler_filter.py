@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from oodforge.config import ConfigError, validate
+from oodforge.knn import default_nlist, kth_distance
 from synth.filter import filter_near, id_threshold
-from synth.knn_index import default_nlist, kth_distance
 from synth.sampler import SamplerParams, boundary_sample, effective_params, rescale
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from oodforge.knn import kth_distance
 from oodforge.scores import (
     SCORES,
     Score,
     build_score,
     energy,
     entropy,
-    kth_nn_distance,
     max_logit,
     msp,
 )
@@ -86,16 +86,14 @@ def _brute_kth(queries: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
 def test_kth_nn_distance_on_hand_made_points() -> None:
     bank = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], dtype=np.float32)
     q = np.array([[1, 0], [0, 0]], dtype=np.float32)
-    np.testing.assert_allclose(kth_nn_distance(q, bank, 1), [0, 1], atol=1e-6)
-    np.testing.assert_allclose(kth_nn_distance(q, bank, 2), [math.sqrt(2), 1], atol=1e-6)
-    np.testing.assert_allclose(kth_nn_distance(q, bank, 4), [2, 1], atol=1e-6)
+    np.testing.assert_allclose(kth_distance(q, bank, 1), [0, 1], atol=1e-6)
+    np.testing.assert_allclose(kth_distance(q, bank, 2), [math.sqrt(2), 1], atol=1e-6)
+    np.testing.assert_allclose(kth_distance(q, bank, 4), [2, 1], atol=1e-6)
     # exclude_self: the bank queried against itself skips the zero self-distance
-    np.testing.assert_allclose(
-        kth_nn_distance(bank, bank, 1, exclude_self=True), [math.sqrt(2)] * 4, atol=1e-6
-    )
-    np.testing.assert_allclose(kth_nn_distance(bank, bank, 3, exclude_self=True), [2] * 4, atol=1e-6)
+    np.testing.assert_allclose(kth_distance(bank, bank, 1, exclude_self=True), [math.sqrt(2)] * 4, atol=1e-6)
+    np.testing.assert_allclose(kth_distance(bank, bank, 3, exclude_self=True), [2] * 4, atol=1e-6)
     with pytest.raises(ValueError, match="bank rows"):
-        kth_nn_distance(bank, bank, 4, exclude_self=True)
+        kth_distance(bank, bank, 4, exclude_self=True)
 
 
 def test_kth_nn_distance_matches_brute_force() -> None:
@@ -103,10 +101,10 @@ def test_kth_nn_distance_matches_brute_force() -> None:
     bank = rng.normal(size=(300, 8)).astype(np.float32)
     queries = rng.normal(size=(120, 8)).astype(np.float32)
     for k in (1, 7, 50):
-        np.testing.assert_allclose(kth_nn_distance(queries, bank, k), _brute_kth(queries, bank, k), rtol=1e-5)
+        np.testing.assert_allclose(kth_distance(queries, bank, k), _brute_kth(queries, bank, k), rtol=1e-5)
     # small batches give the same answer
     np.testing.assert_allclose(
-        kth_nn_distance(queries, bank, 7, batch_size=16), _brute_kth(queries, bank, 7), rtol=1e-5
+        kth_distance(queries, bank, 7, batch_size=16), _brute_kth(queries, bank, 7), rtol=1e-5
     )
     # exclude_self == brute force on the bank with the diagonal removed, also with a duplicated row
     dup = np.vstack([bank, bank[:1]])
@@ -115,9 +113,9 @@ def test_kth_nn_distance_matches_brute_force() -> None:
     for k in (1, 5):
         expected = np.sort(d, axis=1)[:, k - 1]
         np.testing.assert_allclose(
-            kth_nn_distance(dup, dup, k, exclude_self=True), expected, rtol=1e-5, atol=1e-6
+            kth_distance(dup, dup, k, exclude_self=True), expected, rtol=1e-5, atol=1e-6
         )
-    assert kth_nn_distance(dup, dup, 1, exclude_self=True)[0] == 0.0  # its duplicate is a real neighbour
+    assert kth_distance(dup, dup, 1, exclude_self=True)[0] == 0.0  # its duplicate is a real neighbour
 
 
 def test_knn_score_hand_made_and_normalised() -> None:

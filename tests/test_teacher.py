@@ -91,23 +91,23 @@ def test_cosine_detector_round_trip(generator: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     from oodforge.data.transforms import Preprocess
-    from oodforge.detector import ArtifactError, ThresholdSpec, build_spec
+    from oodforge.detector import ArtifactError, ClassifierDetector
     from oodforge.scores import build_score
 
     anchors = load_class_anchors(generator, CLASSES)
     cfg = BackboneConfig(options=TINY, head=HeadConfig(name="cosine", tau=0.05))
     model = build_classifier(cfg, 6, anchors=anchors).eval()
     score = build_score("knn", k=3).fit(torch.randn(30, WIDTH), torch.arange(30) % 6)
-    spec = build_spec(
+    original = ClassifierDetector.create(
         name="cos",
         model=model,
+        score=score,
         preprocess=Preprocess(),
         class_names=CLASSES,
-        score=score,
-        threshold=ThresholdSpec(value=-1.0, n_samples=10),
+        val_scores=np.full(10, -1.0),
     )
-    path = Detector(model, score, spec).save(tmp_path / "det")
-    assert json.loads((path / "detector.json").read_text())["head"] == {
+    path = original.save(tmp_path / "det")
+    assert json.loads((path / "detector.json").read_text())["head"]["head"] == {
         "name": "cosine",
         "tau": 0.05,
         "embed_dim": WIDTH,
@@ -115,7 +115,7 @@ def test_cosine_detector_round_trip(generator: Path, tmp_path: Path) -> None:
     x = torch.rand(4, 3, 32, 32)
     loaded = Detector.load(path)
     torch.testing.assert_close(loaded.model.head.anchors, anchors, rtol=0, atol=0)
-    for a, b in zip(Detector(model, score, spec).forward_batch(x), loaded.forward_batch(x), strict=True):
+    for a, b in zip(original.forward_batch(x), loaded.forward_batch(x), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
     tensors = load_file(path / "model.safetensors")
@@ -158,8 +158,8 @@ def test_teacher_run_learns_and_exports_an_embedding_detector(generator: Path, t
 
     detector = Detector.load(run / "detector")
     spec = detector.spec
-    assert spec.head == HeadConfig(name="cosine", tau=0.1, embed_dim=WIDTH)
-    assert spec.score.name == "knn" and spec.training["method"] == "teacher"
+    assert detector.head.head == HeadConfig(name="cosine", tau=0.1, embed_dim=WIDTH)
+    assert spec.score.name == "knn" and spec.provenance.training["method"] == "teacher"
     torch.testing.assert_close(detector.model.head.anchors, load_class_anchors(generator, CLASSES))
 
     from oodforge.data import DataConfig, load_benchmark

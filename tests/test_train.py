@@ -52,7 +52,7 @@ def test_ce_run_writes_report_and_detector(ce_run: Path) -> None:
     sets = {"digits-6-9", "faces", "textures", "photos", "noise"}
     assert set(report["ood"]) == sets and report["score"] == "msp"
     assert set(report["scores"]) == {"msp", "max_logit", "energy", "entropy", "knn", "mahalanobis"}
-    assert report["ood"]["digits-6-9"]["kind"] == "near" and report["far"] and report["near"]
+    assert report["ood"]["digits-6-9"]["shift"] == "near" and report["far"] and report["near"]
     assert 0.5 < report["id_accuracy"] <= 1.0  # one epoch of a tiny net already learns digits
     md = (ce_run / "report.md").read_text()
     for name in [*sets, "mahalanobis", "knn", "FPR@95"]:
@@ -61,7 +61,7 @@ def test_ce_run_writes_report_and_detector(ce_run: Path) -> None:
     assert (ce_run / "plots" / "hist_knn.png").stat().st_size > 1000
     assert "val/accuracy" in (ce_run / "logs" / "metrics.csv").read_text()
     detector = Detector.load(ce_run / "detector")
-    assert detector.spec.score.name == "energy" and detector.spec.threshold.split == "val"
+    assert detector.spec.score.name == "energy" and detector.spec.calibration.split == "val"
 
 
 def test_exported_detector_scores_like_training(ce_run: Path) -> None:
@@ -92,7 +92,7 @@ def test_evaluate_cli_writes_documented_json(ce_run: Path, tmp_path: Path) -> No
     assert result["score"] == "energy" and set(result["scores"]) == {"energy", "msp", "knn"}
     assert set(result) >= {"id_accuracy", "score", "ood", "near", "far"}
     for metrics in result["ood"].values():
-        assert set(metrics) == {"auroc", "fpr95", "aupr_in", "aupr_out", "kind"}
+        assert set(metrics) == {"auroc", "fpr95", "aupr_in", "aupr_out", "shift"}
     report = json.loads((ce_run / "report.json").read_text())
     assert result["id_accuracy"] == pytest.approx(report["id_accuracy"])
     for score in ("energy", "msp", "knn"):  # same data, same model, same fitted statistics

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from oodforge.artifacts import load_artifact
 from oodforge.data.mnist_scenes import SceneConfig, load_scenes
-from oodforge.dense_detector import DenseDetector
+from oodforge.detector import DenseDetector, Detector
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-SMALL_DATA = ["data.n_train=48", "data.n_val=16", "data.n_test_per_kind=4"]
+SMALL_DATA = ["data.n_train=48", "data.n_val=16", "data.n_test_per_set=4"]
 TINY = [
     "model.options={widths: [4, 8, 8], dilations: [1, 2]}",
     "train.batch_size=16",
@@ -49,8 +48,8 @@ def test_smoke_run_writes_report_figure_and_dense_detector(both_run: Path) -> No
     assert report["negatives"] == ["flow", "synth"]
     assert set(report["scores"]) == {"js", "msp", "energy"}
     pixel = report["scores"]["js"]["pixel"]
-    assert set(pixel["kinds"]) == {"digits-6-9", "faces", "textures", "photos"}
-    for metrics in [*pixel["kinds"].values(), pixel["all"], pixel["near"], pixel["far"]]:
+    assert set(pixel["sets"]) == {"digits-6-9", "faces", "textures", "photos"}
+    for metrics in [*pixel["sets"].values(), pixel["all"], pixel["near"], pixel["far"]]:
         assert {"ap", "fpr95", "auroc"} <= set(metrics) and 0 <= metrics["auroc"] <= 1
     assert 0 <= report["miou"] <= 1 and len(report["iou_per_class"]) == 7
     assert "digits-6-9 (near)" in (both_run / "report.md").read_text()
@@ -58,10 +57,10 @@ def test_smoke_run_writes_report_figure_and_dense_detector(both_run: Path) -> No
     assert (both_run / "flow_pretrained.pt").is_file()
     assert "train/flow_loss" in (both_run / "logs" / "metrics.csv").read_text()
 
-    detector = load_artifact(both_run / "detector")
+    detector = Detector.load(both_run / "detector")
     assert isinstance(detector, DenseDetector)
-    assert detector.spec.pixel_score == "js" and detector.spec.threshold.split == "val"
-    scenes = load_scenes(SceneConfig(n_train=48, n_val=16, n_test_per_kind=4))
+    assert detector.spec.score.name == "js" and detector.spec.calibration.split == "val"
+    scenes = load_scenes(SceneConfig(n_train=48, n_val=16, n_test_per_set=4))
     from PIL import Image
 
     out = detector.predict([Image.fromarray(scenes.val.images[i]) for i in range(len(scenes.val))])
@@ -91,7 +90,7 @@ def test_evaluate_cli_rejects_a_classifier_on_a_dense_benchmark(ood_assets, tmp_
     code = main(
         ["--detector", str(ood_assets.ce), "--benchmark", "mnist-scenes", "--out", str(tmp_path / "e.json")]
     )
-    assert code == 2 and "needs a dense detector" in capsys.readouterr().err
+    assert code == 2 and "is not a classifier benchmark" in capsys.readouterr().err
 
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:

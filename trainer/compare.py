@@ -47,7 +47,7 @@ def comparison_markdown(reports: dict[str, dict[str, Any]], scores: list[str] | 
         "",
         f"{first['fpr95_definition']} Values in %.",
         "",
-        f"| OOD set | kind | {head} |",
+        f"| OOD set | shift | {head} |",
         "|---|---|" + "---:|" * (2 * len(columns)),
     ]
 
@@ -56,8 +56,9 @@ def comparison_markdown(reports: dict[str, dict[str, Any]], scores: list[str] | 
         return " | ".join(f"{100 * v['auroc']:.2f} | {100 * v['fpr95']:.2f}" for v in values)
 
     for ood in sets:
-        kind = first["scores"][first["score"]]["ood"][ood]["kind"]
-        lines.append(f"| {ood} | {kind} | " + cells(lambda per, o=ood: per["ood"][o]) + " |")
+        per_set = first["scores"][first["score"]]["ood"][ood]
+        shift = per_set.get("shift", per_set.get("kind"))  # "kind": reports written before 0.2
+        lines.append(f"| {ood} | {shift} | " + cells(lambda per, o=ood: per["ood"][o]) + " |")
     for group in ("near", "far"):
         lines.append(f"| **{group} mean** | | " + cells(lambda per, g=group: per[g]) + " |")
     return "\n".join(lines) + "\n"

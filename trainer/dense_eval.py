@@ -2,7 +2,7 @@
 
 Pixel metrics are computed over all test pixels whose anomaly label is not void: pixel AP (anomaly =
 positive class), FPR@95 (share of anomaly pixels accepted at the threshold that keeps 95% of inlier
-pixels) and AUROC, per anomaly kind (scenes of that kind), over all test scenes, and as near/far means.
+pixels) and AUROC, per anomaly set (scenes of that set), over all test scenes, and as near/far means.
 Inlier mIoU is over the 7 classes on test pixels with a class label. Image scores (pooled maps) of the
 test scenes are compared with the ID-only val scenes.
 
@@ -11,18 +11,30 @@ test scenes are compared with the ID-only val scenes.
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from oodforge.data.mnist_scenes import VOID, DenseBenchmark, SceneSet
+from oodforge.data.mnist_scenes import (
+    DENSE_BENCHMARKS,
+    VOID,
+    DenseBenchmark,
+    SceneConfig,
+    SceneSet,
+    load_scenes,
+)
 from oodforge.data.transforms import Preprocess
 from oodforge.dense import PIXEL_SCORES, PoolingSpec, pool
-from oodforge.metrics import FPR95_DEFINITION, KINDS, ood_metrics
+from oodforge.detector import DenseDetector
+from oodforge.metrics import FPR95_DEFINITION, SHIFTS, ood_metrics
+from oodforge.progress import progress
 from oodforge.segmenters import Segmenter
+from trainer.report import detector_markdown
 
 PIXEL_KEYS = ("ap", "fpr95", "auroc")
 
@@ -40,7 +52,7 @@ def predict_logits(
     model.eval()
     parts = [
         model(pixels[i : i + batch_size].to(device)).float().cpu()
-        for i in tqdm(range(0, len(pixels), batch_size), desc="segment", leave=False, disable=None)
+        for i in progress(range(0, len(pixels), batch_size), desc="segment", leave=False)
     ]
     return torch.cat(parts)
 
@@ -69,18 +81,21 @@ def mean_iou(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[fl
 
 
 def summarize_dense(
-    maps: np.ndarray, test: SceneSet, kinds: dict[str, str], tpr: float = 0.95
+    maps: np.ndarray, test: SceneSet, shifts: dict[str, str], tpr: float = 0.95
 ) -> dict[str, Any]:
-    """Pixel metrics per anomaly kind, over all scenes (``all``) and as ``near``/``far`` means."""
-    out: dict[str, Any] = {"kinds": {}}
-    names = np.asarray(test.kinds)
-    for kind in kinds:
-        rows = names == kind
+    """Pixel metrics per anomaly set, over all scenes (``all``) and as ``near``/``far`` means."""
+    out: dict[str, Any] = {"sets": {}}
+    names = np.asarray(test.anomalies)
+    for anomaly_set in shifts:
+        rows = names == anomaly_set
         if rows.any():
-            out["kinds"][kind] = {**pixel_metrics(maps[rows], test.anomaly[rows], tpr), "kind": kinds[kind]}
+            out["sets"][anomaly_set] = {
+                **pixel_metrics(maps[rows], test.anomaly[rows], tpr),
+                "shift": shifts[anomaly_set],
+            }
     out["all"] = pixel_metrics(maps, test.anomaly, tpr)
-    for group in KINDS:
-        members = [m for m in out["kinds"].values() if m["kind"] == group]
+    for group in SHIFTS:
+        members = [m for m in out["sets"].values() if m["shift"] == group]
         out[group] = {k: float(np.mean([m[k] for m in members])) for k in PIXEL_KEYS} if members else {}
     return out
 
@@ -118,18 +133,18 @@ def evaluate_dense(
         "scores": {},
     }
     maps: dict[str, dict[str, np.ndarray]] = {}
-    names = np.asarray(bench.test.kinds)
+    names = np.asarray(bench.test.anomalies)
     for name in scores:
         fn = PIXEL_SCORES.get(name)
         maps[name] = {split: fn(lo).numpy() for split, lo in logits.items()}
         image = {split: pool(torch.from_numpy(m), pooling).numpy() for split, m in maps[name].items()}
         image_metrics = {
-            kind: ood_metrics(image["val"], image["test"][names == kind], tpr)
-            for kind in bench.kinds
-            if (names == kind).any()
+            anomaly_set: ood_metrics(image["val"], image["test"][names == anomaly_set], tpr)
+            for anomaly_set in bench.shifts
+            if (names == anomaly_set).any()
         }
         result["scores"][name] = {
-            "pixel": summarize_dense(maps[name]["test"], bench.test, bench.kinds, tpr),
+            "pixel": summarize_dense(maps[name]["test"], bench.test, bench.shifts, tpr),
             "image": {k: {"auroc": v["auroc"], "fpr95": v["fpr95"]} for k, v in image_metrics.items()},
         }
     return result, maps
@@ -159,7 +174,7 @@ def maps_figure(
             axes[r, 2 + c].imshow(-m[i], cmap="magma", vmin=-hi, vmax=-lo)
     for r, i in enumerate(rows):
         axes[r, 0].imshow(scenes.images[i])
-        axes[r, 0].set_ylabel(scenes.kinds[i] or "ID", fontsize=7)
+        axes[r, 0].set_ylabel(scenes.anomalies[i] or "ID", fontsize=7)
         axes[r, 1].imshow(gt[i], cmap="gray", vmin=0, vmax=1)
     for ax in axes.flat:
         ax.set_xticks([])
@@ -173,11 +188,11 @@ def maps_figure(
     return path
 
 
-def example_rows(scenes: SceneSet, per_kind: int = 2) -> list[int]:
-    """The first ``per_kind`` scenes of each anomaly kind (in kind order)."""
+def example_rows(scenes: SceneSet, per_set: int = 2) -> list[int]:
+    """The first ``per_set`` scenes of each anomaly set (in set order)."""
     rows: list[int] = []
-    for kind in dict.fromkeys(scenes.kinds):
-        rows += [i for i, k in enumerate(scenes.kinds) if k == kind][:per_kind]
+    for anomaly_set in dict.fromkeys(scenes.anomalies):
+        rows += [i for i, k in enumerate(scenes.anomalies) if k == anomaly_set][:per_set]
     return rows
 
 
@@ -186,13 +201,15 @@ def _pct(x: float) -> str:
 
 
 def dense_report(result: dict[str, Any], title: str) -> str:
-    """Markdown tables of a :func:`evaluate_dense` result."""
+    """The dense report: mIoU, the detector (``detector_info``), pixel metrics per anomaly set and score."""
     lines = [
         f"# {title}",
         "",
         f"Inlier mIoU: **{_pct(result['miou'])}%** (test scenes, 7 classes, void ignored)",
         "",
     ]
+    if result.get("detector_info"):
+        lines.append(detector_markdown(result["detector_info"]))
     lines += [
         "Pixel metrics over test pixels (void ignored; anomaly = positive for AP; "
         "FPR@95 = share of anomaly pixels accepted when 95% of inlier pixels are).",
@@ -203,13 +220,13 @@ def dense_report(result: dict[str, Any], title: str) -> str:
         lines += [
             f"## score `{name}`",
             "",
-            "| anomaly kind | pixel AP | FPR@95 | AUROC | image AUROC |",
+            "| anomaly set | pixel AP | FPR@95 | AUROC | image AUROC |",
             "|---|---|---|---|---|",
         ]
-        for kind, m in px["kinds"].items():
-            img = per["image"].get(kind, {}).get("auroc")
+        for anomaly_set, m in px["sets"].items():
+            img = per["image"].get(anomaly_set, {}).get("auroc")
             lines.append(
-                f"| {kind} ({m['kind']}) | {_pct(m['ap'])} | {_pct(m['fpr95'])} | {_pct(m['auroc'])} | "
+                f"| {anomaly_set} ({m['shift']}) | {_pct(m['ap'])} | {_pct(m['fpr95'])} | {_pct(m['auroc'])} | "
                 f"{'' if img is None else _pct(img)} |"
             )
         for group in ("near", "far"):
@@ -223,23 +240,17 @@ def dense_report(result: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
-def main_dense(detector: Any, args: Any) -> int:
+def main_dense(detector: DenseDetector, args: argparse.Namespace) -> int:
     """``python -m trainer.evaluate`` for a dense detector (see :mod:`trainer.evaluate` for the flags)."""
-    import json
-    import sys
-
-    from oodforge.data.mnist_scenes import SceneConfig, load_scenes
-    from oodforge.dense_detector import DenseDetector
-
-    if not isinstance(detector, DenseDetector):
+    if args.benchmark and args.benchmark not in DENSE_BENCHMARKS:
         raise ValueError(
-            f"{args.detector} is a classifier detector; {args.benchmark} is a dense benchmark that needs a dense "
-            "detector (train one with trainer/train_dense.py)"
+            f"{args.detector} is a dense detector; {args.benchmark!r} is not a dense benchmark "
+            f"(dense benchmarks: {', '.join(DENSE_BENCHMARKS.names())})"
         )
-    names = [s.strip() for s in (args.scores or detector.spec.pixel_score).split(",") if s.strip()]
+    names = [s.strip() for s in (args.scores or detector.spec.score.name).split(",") if s.strip()]
     for name in names:
         PIXEL_SCORES.get(name)  # a KeyError that lists the valid names
-    seed = args.seed if args.seed is not None else detector.spec.training.get("data_seed", 0)
+    seed = args.seed if args.seed is not None else detector.spec.provenance.training.get("data_seed", 0)
     bench = load_scenes(SceneConfig(benchmark=args.benchmark or "mnist-scenes", seed=seed))
     if bench.class_names != detector.class_names:
         print(
@@ -247,9 +258,15 @@ def main_dense(detector: Any, args: Any) -> int:
             file=sys.stderr,
         )
     result, maps = evaluate_dense(
-        detector.model, bench, detector.preprocess, names, detector.spec.pooling, args.batch_size, args.device
+        detector.model, bench, detector.preprocess, names, detector.head.pooling, args.batch_size, args.device
     )
-    result.update({"detector": str(args.detector), "pixel_score": detector.spec.pixel_score})
+    result.update(
+        {
+            "detector": str(args.detector),
+            "pixel_score": detector.spec.score.name,
+            "detector_info": detector.describe(),
+        }
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     if args.report:

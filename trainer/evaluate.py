@@ -1,4 +1,4 @@
-"""Evaluate a classifier or an exported detector on a benchmark with several OOD scores in one pass.
+"""Evaluate an exported detector of any kind on a benchmark (several scores in one pass).
 
 CLI::
 
@@ -7,195 +7,68 @@ CLI::
     python -m trainer.evaluate --detector runs/dense_flow/detector --benchmark mnist-scenes \
         --scores js,msp,energy --report eval_dense/      # dense detectors: pixel AP, FPR@95, AUROC, mIoU
 
-Each split is run through the network once; every score is computed from the cached logits and
-features. Scores that need fitting (knn, mahalanobis) are fitted on the benchmark's ID train split,
-except the detector's own score, which keeps the statistics stored in the artifact.
+The detector's kind picks its evaluator from :data:`EVALUATORS` (classifiers: image-level AUROC,
+FPR@95, AUPR per OOD set; dense: pixel metrics per anomaly set and mIoU).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from oodforge.backbones import Classifier
-from oodforge.data import Benchmark, DataConfig, ImageSet, load_benchmark
-from oodforge.data.transforms import Preprocess, TransformedSet
-from oodforge.metrics import FPR95_DEFINITION, accuracy, summarize
-from oodforge.scores import SCORES, Score, build_score
+from oodforge.detector import ArtifactError, Detector
+from trainer.classifier_eval import main_classifier
+from trainer.dense_eval import main_dense
 
-
-@dataclass
-class Outputs:
-    """Network outputs on one image set."""
-
-    logits: torch.Tensor
-    features: torch.Tensor
-    labels: torch.Tensor
+EVALUATORS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
+    "classifier": main_classifier,
+    "dense": main_dense,
+}
+"""Detector kind -> ``evaluate(detector, args) -> exit code``; a new kind adds its own entry."""
 
 
-@torch.no_grad()
-def collect(
-    model: Classifier,
-    images: ImageSet,
-    preprocess: Preprocess,
-    batch_size: int = 512,
-    device: str | torch.device = "cpu",
-    desc: str | None = None,
-) -> Outputs:
-    """Run ``model`` over ``images`` (no augmentation) and keep logits, features and labels."""
-    model.eval()
-    loader = DataLoader(TransformedSet(images, preprocess), batch_size=batch_size, shuffle=False)
-    logits, features, labels = [], [], []
-    for x, y in tqdm(loader, desc=desc or images.name, leave=False, disable=None):
-        lo, fe = model(x.to(device))
-        logits.append(lo.float().cpu())
-        features.append(fe.float().cpu())
-        labels.append(torch.as_tensor(y))
-    return Outputs(torch.cat(logits), torch.cat(features), torch.cat(labels))
-
-
-def collect_benchmark(
-    model: Classifier, bench: Benchmark, preprocess: Preprocess, batch_size: int = 512, device: str = "cpu"
-) -> dict[str, Outputs]:
-    """Outputs for ``train``, ``val``, ``test`` and every OOD set (keyed by its name)."""
-    sets: dict[str, ImageSet] = {"train": bench.train, "val": bench.val, "test": bench.test}
-    sets.update({name: ood.images for name, ood in bench.ood.items()})
-    return {
-        key: collect(model, images, preprocess, batch_size, device, desc=f"embed {key}")
-        for key, images in tqdm(sets.items(), desc="evaluate", disable=None)
-    }
-
-
-def fit_scores(
-    names: list[str],
-    params: dict[str, dict[str, Any]],
-    train: Outputs,
-    fitted: dict[str, Score] | None = None,
-) -> dict[str, Score]:
-    """Build each named score; fit those that need ID train statistics (unless already ``fitted``)."""
-    out: dict[str, Score] = {}
-    for name in names:
-        if fitted and name in fitted:
-            out[name] = fitted[name]
-            continue
-        score = build_score(name, **params.get(name, {}))
-        out[name] = score.fit(train.features, train.labels) if score.needs_fit else score
-    return out
-
-
-def evaluate_outputs(
-    outputs: dict[str, Outputs], bench: Benchmark, scores: dict[str, Score], tpr: float = 0.95
-) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-    """Metrics for every score and OOD set, plus the raw score values (for plots).
-
-    Returns:
-        ``(result, values)``: ``result`` has the first score's metrics at the top level
-        (``id_accuracy``, ``score``, ``ood``, ``near``, ``far``) and every score under ``scores``;
-        ``values[score][set]`` are the score arrays, with ID test under the key ``"id"``.
-    """
-    test = outputs["test"]
-    result: dict[str, Any] = {
-        "id_accuracy": accuracy(test.logits.numpy(), test.labels.numpy()),
-        "id_split": "test",
-        "fpr95_definition": FPR95_DEFINITION,
-        "n_id": len(test.labels),
-        "n_ood": {name: len(outputs[name].labels) for name in bench.ood},
-    }
-    per_score: dict[str, Any] = {}
-    values: dict[str, dict[str, np.ndarray]] = {}
-    for name, score in scores.items():
-        vals = {"id": score(test.logits, test.features).numpy().astype(np.float64)}
-        for ood_name in bench.ood:
-            out = outputs[ood_name]
-            vals[ood_name] = score(out.logits, out.features).numpy().astype(np.float64)
-        ood = {n: (vals[n], bench.ood[n].kind) for n in bench.ood}
-        per_score[name] = summarize(vals["id"], ood, tpr=tpr)
-        values[name] = vals
-    first = next(iter(scores))
-    result.update({"score": first, **per_score[first], "scores": per_score})
-    return result, values
-
-
-def _parse_scores(text: str | None) -> list[str] | None:
-    if not text:
-        return None
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    for n in names:
-        SCORES.get(n)  # raises a KeyError listing the valid names
-    return names
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[1])
-    parser.add_argument("--detector", required=True, type=Path, help="detector artifact directory")
-    parser.add_argument(
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m trainer.evaluate``."""
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--detector", required=True, type=Path, help="detector artifact directory")
+    p.add_argument(
         "--benchmark",
         default=None,
         help="benchmark name (default: mnist-open for a classifier, mnist-scenes for a dense detector)",
     )
-    parser.add_argument("--root", type=Path, default=None, help="data root for imagefolder/cifar benchmarks")
-    parser.add_argument(
-        "--seed", type=int, default=None, help="benchmark split seed (default: the detector's)"
-    )
-    parser.add_argument(
+    p.add_argument("--root", type=Path, default=None, help="data root for imagefolder/cifar benchmarks")
+    p.add_argument("--seed", type=int, default=None, help="benchmark split seed (default: the detector's)")
+    p.add_argument(
         "--scores",
         default=None,
         help="comma-separated scores (default: the detector's own); per-pixel js,msp,energy for dense detectors",
     )
-    parser.add_argument("--out", type=Path, default=Path("eval.json"), help="where to write the JSON result")
-    parser.add_argument(
-        "--report", type=Path, default=None, help="also write report.md + plots into this dir"
-    )
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    p.add_argument("--out", type=Path, default=Path("eval.json"), help="where to write the JSON result")
+    p.add_argument("--report", type=Path, default=None, help="also write report.md + plots into this dir")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
 
-    from oodforge.artifacts import ArtifactError, load_artifact
-    from oodforge.data.mnist_scenes import DENSE_BENCHMARKS
-    from oodforge.dense_detector import DenseDetector
-    from trainer.report import write_report
 
+def main(argv: list[str] | None = None) -> int:
+    """Load the detector, pick its kind's evaluator and run it; bad input exits 2 with a message."""
+    args = parser().parse_args(argv)
     try:
-        detector = load_artifact(args.detector, device=args.device)
-        if isinstance(detector, DenseDetector) or args.benchmark in DENSE_BENCHMARKS:
-            from trainer.dense_eval import main_dense
-
-            return main_dense(detector, args)
-        args.benchmark = args.benchmark or "mnist-open"
-        names = _parse_scores(args.scores)
+        detector = Detector.load(args.detector, device=args.device)
+        evaluate = EVALUATORS.get(detector.kind)
+        if evaluate is None:
+            raise ValueError(
+                f"no evaluator for {detector.kind} detectors; add one to trainer.evaluate.EVALUATORS"
+            )
+        return evaluate(detector, args)
     except (ArtifactError, KeyError, ValueError) as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
-    names = names or [detector.spec.score.name]
-    seed = args.seed if args.seed is not None else detector.spec.training.get("data_seed", 0)
-    bench = load_benchmark(DataConfig(benchmark=args.benchmark, root=args.root, seed=seed))
-    if bench.class_names != detector.class_names:
-        print(
-            f"warning: benchmark classes {bench.class_names} differ from the detector's {detector.class_names}",
-            file=sys.stderr,
-        )
-    outputs = collect_benchmark(detector.model, bench, detector.preprocess, args.batch_size, args.device)
-    own = {detector.spec.score.name: detector.score}
-    params = {n: {} for n in names}
-    scores = fit_scores(names, params, outputs["train"], fitted=own)
-    result, values = evaluate_outputs(outputs, bench, scores)
-    result["detector"] = str(args.detector)
-    result["benchmark"] = args.benchmark
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    if args.report:
-        write_report(result, values, args.report, title=f"{detector.name} on {args.benchmark}")
-    print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from oodforge.config import ConfigError, add_config_args, load_config
+from oodforge.progress import progress as progress_bar
 from trainer.config import LoopConfig, OptimConfig
 from trainer.tracking import CSVTracker
 
@@ -195,12 +196,12 @@ def epoch_batches(accelerator: Accelerator, loader: Any, progress: Progress, epo
     batches = (
         accelerator.skip_first_batches(loader, progress.step_in_epoch) if progress.step_in_epoch else loader
     )
-    return tqdm(
+    return progress_bar(
         batches,
         total=len(loader),
         initial=progress.step_in_epoch,
         desc=f"epoch {progress.epoch + 1}/{epochs}",
-        disable=not accelerator.is_local_main_process or None,
+        disable=not accelerator.is_local_main_process,
     )
 
 

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 import zuko
 from pydantic import Field
 from torch import nn
-from tqdm.auto import tqdm
 
 from oodforge.config import ConfigError, StrictModel
 from oodforge.data.transforms import Preprocess
 from oodforge.dense import paste
 from oodforge.outliers import OutlierDataset
+from oodforge.progress import progress
 from oodforge.registry import Registry
 from trainer.losses.dense import VOID
 
@@ -145,7 +145,7 @@ class FlowNegatives(NegativeSource):
             return
         generator = torch.Generator().manual_seed(0)
         optimizer = torch.optim.Adam(self.flow.parameters(), lr=self.cfg.lr)
-        bar = tqdm(range(self.cfg.pretrain_steps), desc="pre-train flow", disable=None)
+        bar = progress(range(self.cfg.pretrain_steps), desc="pre-train flow")
         for _ in bar:
             loss = self.nll(random_crops(scenes, self.cfg.batch_size, self.cfg.crop, generator), generator)
             optimizer.zero_grad(set_to_none=True)

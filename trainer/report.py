@@ -18,12 +18,12 @@ def markdown_tables(result: dict[str, Any]) -> str:
     sets = list(per_score[names[0]]["ood"])
     lines = []
     for key, title in METRICS:
-        lines += [f"**{title}** (%)", "", "| OOD set | kind | " + " | ".join(names) + " |"]
+        lines += [f"**{title}** (%)", "", "| OOD set | shift | " + " | ".join(names) + " |"]
         lines.append("|---|---|" + "---:|" * len(names))
         for s in sets:
-            kind = per_score[names[0]]["ood"][s]["kind"]
+            shift = per_score[names[0]]["ood"][s]["shift"]
             cells = [f"{100 * per_score[n]['ood'][s][key]:.2f}" for n in names]
-            lines.append(f"| {s} | {kind} | " + " | ".join(cells) + " |")
+            lines.append(f"| {s} | {shift} | " + " | ".join(cells) + " |")
         for group in ("near", "far"):
             if per_score[names[0]].get(group):
                 cells = [f"**{100 * per_score[n][group][key]:.2f}**" for n in names]
@@ -32,11 +32,32 @@ def markdown_tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def detector_markdown(about: dict[str, Any]) -> str:
+    """The "Detector" section of a report from :meth:`Detector.describe` (the API's detector info too)."""
+    t = about["threshold"]
+    score = ", ".join(f"{k}={v}" for k, v in about["score"].items() if k != "name" and v not in ({}, None))
+    return "\n".join(
+        [
+            "## Detector",
+            "",
+            f"- kind **{about['kind']}**, version `{about['version']}`, created {about['created']}, "
+            f"input {'x'.join(map(str, about['input']['shape']))}",
+            f"- score **{about['score']['name']}**" + (f" ({score})" if score else ""),
+            f"- threshold **{t['value']:.6g}**: `is_ood = score < threshold`, calibrated on the ID "
+            f"{t['split']} split ({t['n_samples']} images) to accept {100 * t['target_id_tpr']:.0f}% of them",
+            "",
+        ]
+    )
+
+
 def render_markdown(result: dict[str, Any], title: str) -> str:
+    """The report: ID accuracy, the detector (when ``result`` has ``detector_info``), a table per metric."""
+    about = result.get("detector_info")
     return "\n".join(
         [
             f"# {title}",
             "",
+            *([detector_markdown(about)] if about else []),
             f"ID accuracy ({result.get('id_split', 'test')} split): **{100 * result['id_accuracy']:.2f}%** "
             f"on {result.get('n_id', '?')} images.",
             "",

@@ -15,23 +15,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from oodforge.config import StrictModel
-from oodforge.data.mnist_scenes import DENSE_BENCHMARKS, SceneConfig, load_scenes
-from oodforge.data.transforms import Preprocess
-from oodforge.dense import PIXEL_SCORES, PoolingSpec, pool
-from oodforge.dense_detector import DenseDetector, build_dense_spec
-from oodforge.detector import ThresholdSpec
-from oodforge.metrics import threshold_at_tpr
-from oodforge.segmenters import Segmenter, SegmenterConfig, build_segmenter
-from trainer.config import LoopConfig, OptimConfig
+from oodforge.data.mnist_scenes import load_scenes
+from oodforge.detector import DenseDetector
+from oodforge.segmenters import Segmenter, build_segmenter
+from trainer.config import DenseTrainConfig
 from trainer.dense_eval import dense_report, evaluate_dense, example_rows, maps_figure, scene_pixels
 from trainer.loop import (
     build_optimizer,
@@ -46,79 +39,6 @@ from trainer.loop import (
 )
 from trainer.losses.dense import dense_ood_loss
 from trainer.negatives import NegativesConfig, build_sources, paste_negatives
-
-MAP_QUANTILES = (0.001, 0.999)  # the PNG map's [lo, hi]: quantiles of the val pixels' scores
-
-
-class DenseExportConfig(StrictModel):
-    """What the exported detector scores with, and how its thresholds are calibrated (on val scenes)."""
-
-    pixel_score: str = "js"
-    pooling: PoolingSpec = PoolingSpec()
-    target_id_tpr: float = Field(0.95, gt=0, lt=1)
-
-
-class DenseEvalConfig(StrictModel):
-    scores: list[str] = ["js", "msp", "energy"]
-    plots: bool = True
-
-
-class DenseOptimConfig(OptimConfig):
-    """The optimiser, with the dense defaults (AdamW 2e-3, cosine) also under partial overrides."""
-
-    name: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = 1e-4
-
-
-class DenseLoopConfig(LoopConfig):
-    """The training loop, with the dense defaults (12 epochs of batch 16 on 2,000 scenes = 1,500 steps).
-
-    Shorter schedules leave some seeds on the plateau where the segmenter separates digits from the
-    background but not one digit from another (one of 3 seeds at 8 epochs of batch 32).
-    """
-
-    epochs: int = Field(12, ge=1)
-    batch_size: int = Field(16, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
-    checkpoint_every_steps: int = Field(250, ge=1, description="also saved at the end of every epoch")
-
-
-class ScenePreprocess(Preprocess):
-    """Pre-processing with the scenes' side (64) as default, also under partial overrides."""
-
-    size: int = Field(64, ge=1)
-
-
-class DenseTrainConfig(StrictModel):
-    """One dense training run (``configs/train/dense*.yaml``)."""
-
-    name: str = "dense"
-    seed: int = 0
-    output_dir: Path = Path("runs")
-    data: SceneConfig = SceneConfig()
-    model: SegmenterConfig = SegmenterConfig()
-    preprocess: ScenePreprocess = ScenePreprocess()
-    negatives: NegativesConfig = NegativesConfig()
-    optim: DenseOptimConfig = DenseOptimConfig()
-    train: DenseLoopConfig = DenseLoopConfig()
-    eval: DenseEvalConfig = DenseEvalConfig()
-    export: DenseExportConfig = DenseExportConfig()
-
-    @property
-    def run_dir(self) -> Path:
-        return self.output_dir / self.name
-
-    @model_validator(mode="after")
-    def _check_names(self) -> DenseTrainConfig:
-        if self.data.benchmark not in DENSE_BENCHMARKS:
-            raise ValueError(
-                f"data.benchmark: unknown dense benchmark {self.data.benchmark!r}; choose one of {DENSE_BENCHMARKS.names()}"
-            )
-        for name in [*self.eval.scores, self.export.pixel_score]:
-            if name not in PIXEL_SCORES:
-                raise ValueError(f"unknown pixel score {name!r}; choose from {PIXEL_SCORES.names()}")
-        return self
 
 
 class DenseStep(nn.Module):
@@ -207,24 +127,6 @@ def train(cfg: DenseTrainConfig, resume: bool = False, overwrite: bool = False) 
     return run_dir
 
 
-def calibrate(
-    val_maps: np.ndarray, pooling: PoolingSpec, tpr: float
-) -> tuple[ThresholdSpec, float, tuple[float, float]]:
-    """Image threshold, pixel threshold and PNG range from the ID-only val scenes' score maps."""
-    image_scores = pool(torch.from_numpy(val_maps), pooling).numpy()
-    threshold = ThresholdSpec(
-        value=float(threshold_at_tpr(image_scores, tpr)),
-        split="val",
-        target_id_tpr=tpr,
-        n_samples=len(image_scores),
-    )
-    pixels = val_maps.reshape(-1).astype(np.float64)
-    lo, hi = (float(v) for v in np.quantile(pixels, MAP_QUANTILES))
-    if not lo < hi:
-        lo, hi = lo - 1e-6, hi + 1e-6
-    return threshold, float(threshold_at_tpr(pixels, tpr)), (lo, hi)
-
-
 def finish(
     cfg: DenseTrainConfig, model: Segmenter, bench, run_dir: Path, device: str, train_seconds: float
 ) -> Path:
@@ -250,28 +152,16 @@ def finish(
             "eval_seconds": round(time.perf_counter() - eval_started, 1),
         }
     )
-    (run_dir / "report.json").write_text(json.dumps(result, indent=2))
-    title = f"{cfg.name} (negatives: {', '.join(cfg.negatives.sources) or 'none'}) on {bench.name}"
-    (run_dir / "report.md").write_text(dense_report(result, title) + "\n![maps](plots/maps.png)\n")
-    if cfg.eval.plots:
-        rows = example_rows(bench.test)
-        maps_figure(
-            bench.test, rows, {n: m["test"] for n, m in maps.items()}, run_dir / "plots" / "maps.png", title
-        )
-
-    export = maps[cfg.export.pixel_score]["val"]
-    threshold, pixel_threshold, map_range = calibrate(export, cfg.export.pooling, cfg.export.target_id_tpr)
     own = result["scores"][cfg.export.pixel_score]
-    spec = build_dense_spec(
+    detector = DenseDetector.create(
         name=cfg.name,
-        model=model,
+        model=model.cpu(),
         preprocess=cfg.preprocess,
         class_names=bench.class_names,
         pixel_score=cfg.export.pixel_score,
         pooling=cfg.export.pooling,
-        threshold=threshold,
-        pixel_threshold=pixel_threshold,
-        map_range=map_range,
+        val_maps=maps[cfg.export.pixel_score]["val"],
+        target_id_tpr=cfg.export.target_id_tpr,
         metrics={"benchmark": bench.name, "miou": result["miou"], **own},
         training={
             "negatives": cfg.negatives.model_dump(mode="json"),
@@ -280,14 +170,23 @@ def finish(
             "epochs": cfg.train.epochs,
         },
     )
-    detector_dir = DenseDetector(model.cpu(), spec).save(run_dir / "detector")
+    detector_dir = detector.save(run_dir / "detector")
+    result["detector_info"] = detector.describe()
+    (run_dir / "report.json").write_text(json.dumps(result, indent=2))
+    title = f"{cfg.name} (negatives: {', '.join(cfg.negatives.sources) or 'none'}) on {bench.name}"
+    (run_dir / "report.md").write_text(dense_report(result, title) + "\n![maps](plots/maps.png)\n")
+    if cfg.eval.plots:
+        rows = example_rows(bench.test)
+        maps_figure(
+            bench.test, rows, {n: m["test"] for n, m in maps.items()}, run_dir / "plots" / "maps.png", title
+        )
     px = own["pixel"]["all"]
     print(
         f"\ninlier mIoU {100 * result['miou']:.2f}% | {cfg.export.pixel_score}: pixel AP {100 * px['ap']:.2f}%, "
         f"FPR@95 {100 * px['fpr95']:.2f}%, AUROC {100 * px['auroc']:.2f}% (all test pixels)\n"
         f"report:   {run_dir / 'report.md'}\n"
-        f"detector: {detector_dir}  (image threshold {threshold.value:.4f} at "
-        f"{100 * threshold.target_id_tpr:.0f}% ID TPR on val scenes)"
+        f"detector: {detector_dir}  (image threshold {detector.threshold:.4f} at "
+        f"{100 * cfg.export.target_id_tpr:.0f}% ID TPR on val scenes)"
     )
     return detector_dir
 

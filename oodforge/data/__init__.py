@@ -15,9 +15,10 @@ from oodforge.data.base import (
     ImageSet,
     OODDirConfig,
     OODSet,
-    load_benchmark,
+    Shift,
     stratified_split,
 )
+from oodforge.data.benchmarks import load_benchmark
 from oodforge.data.transforms import Preprocess, TransformedSet, augment
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ImageSet",
     "OODDirConfig",
     "OODSet",
+    "Shift",
     "Preprocess",
     "TransformedSet",
     "augment",

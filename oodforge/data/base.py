@@ -22,12 +22,13 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from oodforge.config import StrictModel
 from oodforge.registry import Registry
 
-Kind = Literal["near", "far"]
+Shift = Literal["near", "far"]
+"""How far an OOD set is from ID: ``near`` (semantic shift only) or ``far`` (other images altogether)."""
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -106,10 +107,10 @@ class FileImageSet(ImageSet):
 
 @dataclass
 class OODSet:
-    """An OOD image set and whether it is ``near`` (semantic shift only) or ``far`` OOD."""
+    """An OOD image set and its :data:`Shift`: ``near`` (semantic shift only) or ``far`` OOD."""
 
     images: ImageSet
-    kind: Kind
+    shift: Shift
 
 
 @dataclass
@@ -125,18 +126,18 @@ class Benchmark:
 
     def near(self) -> list[str]:
         """Names of the near-OOD sets, in insertion order."""
-        return [n for n, s in self.ood.items() if s.kind == "near"]
+        return [n for n, s in self.ood.items() if s.shift == "near"]
 
     def far(self) -> list[str]:
         """Names of the far-OOD sets, in insertion order."""
-        return [n for n, s in self.ood.items() if s.kind == "far"]
+        return [n for n, s in self.ood.items() if s.shift == "far"]
 
 
 class OODDirConfig(StrictModel):
-    """An extra OOD set: every image under ``path`` (recursively)."""
+    """An extra OOD set: every image under ``path`` (recursively), ``near`` or ``far`` (``kind`` is an alias)."""
 
     path: Path
-    kind: Kind = "far"
+    shift: Shift = Field("far", validation_alias=AliasChoices("shift", "kind"))
 
 
 class DataConfig(StrictModel):
@@ -145,7 +146,7 @@ class DataConfig(StrictModel):
     Attributes:
         benchmark: A name in ``BENCHMARKS`` (``mnist-open``, ``imagefolder``, ``cifar10``, ``cifar100``).
         root: Data directory for the benchmarks read from disk.
-        ood: Extra OOD sets, ``name -> {path, kind}``, each a folder of images.
+        ood: Extra OOD sets, ``name -> {path, shift}``, each a folder of images.
         seed: Seed of the splits and of the generated OOD sets.
         val_fraction: Share of ID images used for validation.
         test_fraction: Share of ID images used for testing (where the benchmark has no fixed test set).
@@ -223,30 +224,3 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     for k, image in enumerate(images):
         out[k] = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
     return out
-
-
-def load_benchmark(cfg: DataConfig) -> Benchmark:
-    """Build the benchmark named by ``cfg.benchmark`` and add the OOD folders of ``cfg.ood``.
-
-    Args:
-        cfg: The data section of a config.
-
-    Returns:
-        The benchmark, with ``cfg.ood`` folders added as OOD sets of their configured kind.
-
-    Raises:
-        KeyError: ``cfg.benchmark`` is not registered.
-        ValueError: An extra OOD set reuses the name of one the benchmark already has.
-    """
-    import oodforge.data  # noqa: F401  (registers the built-in benchmarks)
-    from oodforge.data.folders import folder_ood_set
-
-    bench = BENCHMARKS.get(cfg.benchmark)(cfg)
-    for name, spec in cfg.ood.items():
-        if name in bench.ood:
-            raise ValueError(
-                f"data.ood.{name}: benchmark {bench.name!r} already has an OOD set called {name!r}; "
-                "give the folder another name"
-            )
-        bench.ood[name] = OODSet(folder_ood_set(name, spec.path), spec.kind)
-    return bench

@@ -2,7 +2,7 @@
 
 A scene is a ``size`` x ``size`` RGB image (64 by default): a smooth dark random background with 2-4
 bright, randomly coloured MNIST digits 0-5 (the inlier classes ``1..6``; class 0 is the background).
-Test scenes also hold 1-2 anomalies of one kind: digits 6-9 (``digits-6-9``, near) or opaque squares of
+Test scenes also hold 1-2 anomalies of one anomaly_set: digits 6-9 (``digits-6-9``, near) or opaque squares of
 LFW faces, texture crops or photo crops from scikit-image (``faces``, ``textures``, ``photos``, far).
 
 Each scene comes with a label map (inlier class per pixel, :data:`VOID` on anti-aliased digit edges and
@@ -12,8 +12,8 @@ show unseen digits. Everything is a pure function of the :class:`SceneConfig`; b
 cached in-process and their arrays are read-only: copy them (``a.copy()``) before writing.
 
 Example:
-    >>> bench = load_scenes(SceneConfig(n_train=40, n_val=10, n_test_per_kind=5))
-    >>> bench.test.images.shape, bench.test.kinds[0]
+    >>> bench = load_scenes(SceneConfig(n_train=40, n_val=10, n_test_per_set=5))
+    >>> bench.test.images.shape, bench.test.anomalies[0]
     ((20, 64, 64, 3), 'digits-6-9')
 """
 
@@ -29,7 +29,7 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from oodforge.config import StrictModel
-from oodforge.data.base import Kind, stratified_split
+from oodforge.data.base import Shift, stratified_split
 from oodforge.data.mnist_open import (
     ID_DIGITS,
     N_FACES,
@@ -46,7 +46,7 @@ from oodforge.registry import Registry
 
 VOID = 255  # ignore label, in label maps and anomaly maps
 CLASS_NAMES = ["background"] + [str(d) for d in ID_DIGITS]  # digit d -> class d + 1
-ANOMALY_KINDS: dict[str, Kind] = {"digits-6-9": "near", "faces": "far", "textures": "far", "photos": "far"}
+ANOMALY_SETS: dict[str, Shift] = {"digits-6-9": "near", "faces": "far", "textures": "far", "photos": "far"}
 
 REFERENCE_SIZE = 64  # object sides in SceneConfig are in pixels of a 64 x 64 scene
 GRID = 4  # the background is a GRID x GRID random colour field, upsampled bilinearly
@@ -65,19 +65,20 @@ class SceneSet:
     """Scenes with per-pixel labels and anomaly maps (arrays read-only when built by this module).
 
     Attributes:
-        name: Name of the set (``train``, ``val``, ``test``, or ``test-<kind>`` for a subset).
+        name: Name of the set (``train``, ``val``, ``test``, or ``test-<anomaly_set>`` for a subset).
         images: uint8 ``[N, S, S, 3]``.
         labels: uint8 ``[N, S, S]``: inlier class ``0..6`` per pixel (0 = background), :data:`VOID`
             on anti-aliased digit edges and on every anomaly pixel.
         anomaly: uint8 ``[N, S, S]``: 1 anomaly pixel, 0 inlier pixel, :data:`VOID` ignored.
-        kinds: Per scene, the anomaly kind in it (a key of :data:`ANOMALY_KINDS`), ``""`` for none.
+        anomalies: Per scene, the anomaly set its anomalies come from (a key of :data:`ANOMALY_SETS`),
+            ``""`` for none.
     """
 
     name: str
     images: np.ndarray
     labels: np.ndarray
     anomaly: np.ndarray
-    kinds: list[str]
+    anomalies: list[str]
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -92,9 +93,9 @@ class SceneSet:
                     f"scene set {self.name!r}: {what} must be uint8 {self.images.shape[:3]} like the images, "
                     f"got {a.dtype} {a.shape}"
                 )
-        if len(self.kinds) != n:
+        if len(self.anomalies) != n:
             raise ValueError(
-                f"scene set {self.name!r}: {n} scenes but {len(self.kinds)} kinds; pass one each"
+                f"scene set {self.name!r}: {n} scenes but {len(self.anomalies)} anomaly sets; pass one each"
             )
 
     def __len__(self) -> int:
@@ -103,44 +104,44 @@ class SceneSet:
     def __repr__(self) -> str:
         return f"SceneSet(name={self.name!r}, n={len(self)})"
 
-    def subset(self, kind: str) -> SceneSet:
-        """The scenes whose anomalies are of ``kind`` (``""``: the scenes without anomalies).
+    def subset(self, anomaly_set: str) -> SceneSet:
+        """The scenes whose anomalies are of ``anomaly_set`` (``""``: the scenes without anomalies).
 
         Args:
-            kind: A key of :data:`ANOMALY_KINDS`, or ``""``.
+            anomaly_set: A key of :data:`ANOMALY_SETS`, or ``""``.
 
         Returns:
-            A new set named ``<name>-<kind>`` with read-only copies of those scenes (possibly empty).
+            A new set named ``<name>-<anomaly_set>`` with read-only copies of those scenes (possibly empty).
 
         Raises:
-            KeyError: ``kind`` is not an anomaly kind.
+            KeyError: ``anomaly_set`` is not an anomaly set.
         """
-        if kind != "" and kind not in ANOMALY_KINDS:
+        if anomaly_set != "" and anomaly_set not in ANOMALY_SETS:
             raise KeyError(
-                f"unknown anomaly kind {kind!r}; choose one of: {', '.join(ANOMALY_KINDS)} "
+                f"unknown anomaly set {anomaly_set!r}; choose one of: {', '.join(ANOMALY_SETS)} "
                 "(or '' for scenes without anomalies)"
             )
-        keep = np.array([k == kind for k in self.kinds], dtype=bool)
+        keep = np.array([k == anomaly_set for k in self.anomalies], dtype=bool)
         return SceneSet(
-            f"{self.name}-{kind or 'inlier'}",
+            f"{self.name}-{anomaly_set or 'inlier'}",
             _read_only(self.images[keep]),
             _read_only(self.labels[keep]),
             _read_only(self.anomaly[keep]),
-            [k for k in self.kinds if k == kind],
+            [k for k in self.anomalies if k == anomaly_set],
         )
 
 
 @dataclass
 class DenseBenchmark:
-    """Inlier train/val scenes, test scenes with anomalies, and each anomaly kind's near/far tag.
+    """Inlier train/val scenes, test scenes with anomalies, and each anomaly set's near/far tag.
 
     Attributes:
         name: Benchmark name.
         class_names: Name of each inlier class, index = label value (class 0 is the background).
         train: Inlier scenes only (anomaly maps all 0).
         val: Inlier scenes only, for threshold calibration.
-        test: Scenes with anomalies of one kind each, grouped by kind in :data:`ANOMALY_KINDS` order.
-        kinds: Anomaly kind -> ``near`` or ``far``.
+        test: Scenes with anomalies of one anomaly_set each, grouped by anomaly_set in :data:`ANOMALY_SETS` order.
+        shifts: Anomaly set -> ``near`` or ``far``.
     """
 
     name: str
@@ -148,7 +149,7 @@ class DenseBenchmark:
     train: SceneSet
     val: SceneSet
     test: SceneSet
-    kinds: dict[str, Kind]
+    shifts: dict[str, Shift]
 
 
 class SceneConfig(StrictModel):
@@ -160,7 +161,7 @@ class SceneConfig(StrictModel):
         size: Scene side in pixels.
         n_train: Number of training scenes (inliers only).
         n_val: Number of validation scenes (inliers only).
-        n_test_per_kind: Number of test scenes for each anomaly kind.
+        n_test_per_set: Number of test scenes for each anomaly set.
         digits: Inclusive range of the number of inlier digits per scene.
         anomalies: Inclusive range of the number of anomalies per test scene.
         digit_side: Inclusive range of the side of a rendered 28 x 28 digit, in pixels of a 64 x 64 scene
@@ -177,7 +178,7 @@ class SceneConfig(StrictModel):
     size: int = Field(64, ge=32, le=1024)
     n_train: int = Field(2000, ge=1)
     n_val: int = Field(200, ge=1)
-    n_test_per_kind: int = Field(100, ge=1)
+    n_test_per_set: int = Field(100, ge=1)
     digits: tuple[int, int] = (2, 4)
     anomalies: tuple[int, int] = (1, 2)
     digit_side: tuple[int, int] = (18, 30)
@@ -267,17 +268,17 @@ def digit_alpha(digit: np.ndarray, side: int) -> np.ndarray:
     return alpha[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
-def far_patch(kind: str, side: int, rng: np.random.Generator) -> np.ndarray:
-    """An opaque uint8 ``[side, side, 3]`` square of far anomaly ``kind`` (``faces``/``textures``/``photos``)."""
-    if kind == "faces":
+def far_patch(anomaly_set: str, side: int, rng: np.random.Generator) -> np.ndarray:
+    """An opaque uint8 ``[side, side, 3]`` square of far anomaly ``anomaly_set`` (``faces``/``textures``/``photos``)."""
+    if anomaly_set == "faces":
         faces = _faces()
         return to_rgb(faces[int(rng.integers(len(faces)))], side)
-    if kind == "textures":
+    if anomaly_set == "textures":
         names: tuple[str, ...] = TEXTURES
-    elif kind == "photos":
+    elif anomaly_set == "photos":
         names = PHOTOS
     else:
-        raise KeyError(f"no far anomaly kind {kind!r}; choose one of: faces, textures, photos")
+        raise KeyError(f"no far anomaly set {anomaly_set!r}; choose one of: faces, textures, photos")
     return random_crops(_skimage(names[int(rng.integers(len(names)))]), 1, rng, size=side)[0]
 
 
@@ -360,8 +361,8 @@ class _Sources:
     near: np.ndarray
 
 
-def _objects(cfg: SceneConfig, src: _Sources, kind: str, rng: np.random.Generator) -> list[_Object]:
-    """The objects of one scene (inlier digits, then anomalies of ``kind`` if any), in drawing order."""
+def _objects(cfg: SceneConfig, src: _Sources, anomaly_set: str, rng: np.random.Generator) -> list[_Object]:
+    """The objects of one scene (inlier digits, then anomalies of ``anomaly_set`` if any), in drawing order."""
     digit_side = scaled_range(cfg.digit_side, cfg.size)
     objs = []
     for _ in range(int(rng.integers(cfg.digits[0], cfg.digits[1] + 1))):
@@ -369,25 +370,25 @@ def _objects(cfg: SceneConfig, src: _Sources, kind: str, rng: np.random.Generato
         side = int(rng.integers(digit_side[0], digit_side[1] + 1))
         colour = rng.integers(COLOUR_MIN, 256, 3).astype(np.float32)
         objs.append(_Object(False, int(src.classes[k]), digit_alpha(src.digits[k], side), colour))
-    if kind:
+    if anomaly_set:
         for _ in range(int(rng.integers(cfg.anomalies[0], cfg.anomalies[1] + 1))):
-            if ANOMALY_KINDS[kind] == "near":
+            if ANOMALY_SETS[anomaly_set] == "near":
                 side = int(rng.integers(digit_side[0], digit_side[1] + 1))
                 colour = rng.integers(COLOUR_MIN, 256, 3).astype(np.float32)
                 digit = src.near[int(rng.integers(len(src.near)))]
                 objs.append(_Object(True, alpha=digit_alpha(digit, side), colour=colour))
             else:
                 lo, hi = scaled_range(cfg.anomaly_side, cfg.size)
-                objs.append(_Object(True, patch=far_patch(kind, int(rng.integers(lo, hi + 1)), rng)))
+                objs.append(_Object(True, patch=far_patch(anomaly_set, int(rng.integers(lo, hi + 1)), rng)))
     return [objs[i] for i in rng.permutation(len(objs))]
 
 
 def make_scene(
-    cfg: SceneConfig, src: _Sources, kind: str, rng: np.random.Generator
+    cfg: SceneConfig, src: _Sources, anomaly_set: str, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One scene of ``cfg.size`` px with anomalies of ``kind`` (``""``: none).
+    """One scene of ``cfg.size`` px with anomalies of ``anomaly_set`` (``""``: none).
 
-    Objects that find no free spot are skipped; a scene without a digit (or, with ``kind``, without an
+    Objects that find no free spot are skipped; a scene without a digit (or, with ``anomaly_set``, without an
     anomaly) is drawn again, up to :data:`SCENE_TRIES` times.
 
     Returns:
@@ -403,7 +404,7 @@ def make_scene(
         anomaly = np.zeros((s, s), dtype=np.uint8)
         boxes: list[tuple[int, int, int, int]] = []
         n_digits = n_anomalies = 0
-        for obj in _objects(cfg, src, kind, rng):
+        for obj in _objects(cfg, src, anomaly_set, rng):
             spot = place(obj.shape, s, boxes, rng)
             if spot is None:
                 continue
@@ -411,34 +412,34 @@ def make_scene(
             draw(obj, *spot, canvas, labels, anomaly)
             n_anomalies += obj.anomaly
             n_digits += not obj.anomaly
-        if n_digits and (n_anomalies or not kind):
+        if n_digits and (n_anomalies or not anomaly_set):
             image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
             return image, labels, anomaly
     raise ValueError(
-        f"could not fit a digit{' and an anomaly' if kind else ''} into a {s}-px scene in {SCENE_TRIES} "
+        f"could not fit a digit{' and an anomaly' if anomaly_set else ''} into a {s}-px scene in {SCENE_TRIES} "
         "attempts; raise size or lower digit_side / anomaly_side"
     )
 
 
 def make_scenes(
-    cfg: SceneConfig, src: _Sources, split: int, kinds: list[str]
+    cfg: SceneConfig, src: _Sources, split: int, anomaly_sets: list[str]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scene ``i`` of split ``split`` with anomalies of ``kinds[i]``, each from its own seed.
+    """Scene ``i`` of split ``split`` with anomalies of ``anomaly_sets[i]``, each from its own seed.
 
-    Scene ``i`` is drawn with ``default_rng([cfg.seed, 2, split, kind index + 1 (0: none), j])``, ``j``
-    its index among the scenes of that kind, so growing ``n_*`` keeps the earlier scenes.
+    Scene ``i`` is drawn with ``default_rng([cfg.seed, 2, split, anomaly-set index + 1 (0: none), j])``, ``j``
+    its index among the scenes of that anomaly_set, so growing ``n_*`` keeps the earlier scenes.
     """
-    s, n = cfg.size, len(kinds)
+    s, n = cfg.size, len(anomaly_sets)
     images = np.empty((n, s, s, 3), dtype=np.uint8)
     labels = np.empty((n, s, s), dtype=np.uint8)
     anomaly = np.empty((n, s, s), dtype=np.uint8)
-    kind_index = {k: i + 1 for i, k in enumerate(ANOMALY_KINDS)} | {"": 0}
+    set_index = {k: i + 1 for i, k in enumerate(ANOMALY_SETS)} | {"": 0}
     seen: dict[str, int] = {}
-    for i, kind in enumerate(kinds):
-        j = seen.get(kind, 0)
-        seen[kind] = j + 1
-        rng = np.random.default_rng([cfg.seed, 2, split, kind_index[kind], j])
-        images[i], labels[i], anomaly[i] = make_scene(cfg, src, kind, rng)
+    for i, anomaly_set in enumerate(anomaly_sets):
+        j = seen.get(anomaly_set, 0)
+        seen[anomaly_set] = j + 1
+        rng = np.random.default_rng([cfg.seed, 2, split, set_index[anomaly_set], j])
+        images[i], labels[i], anomaly[i] = make_scene(cfg, src, anomaly_set, rng)
     return _read_only(images), _read_only(labels), _read_only(anomaly)
 
 
@@ -446,7 +447,7 @@ def make_scenes(
 def _build(
     key: tuple[tuple[str, Any], ...],
 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, list[str]], ...]:
-    """The (images, labels, anomaly, kinds) of train/val/test for a config given as sorted items."""
+    """The (images, labels, anomaly, anomaly_sets) of train/val/test for a config given as sorted items."""
     cfg = SceneConfig(**dict(key))
     digits, labels = _digits()
     is_id = np.isin(labels, ID_DIGITS)
@@ -458,10 +459,10 @@ def _build(
     for split, pool in enumerate(pools):
         src = _Sources(id_digits[pool], id_classes[pool], near)
         if split < 2:
-            kinds = [""] * counts[split]
+            anomaly_sets = [""] * counts[split]
         else:
-            kinds = [k for k in ANOMALY_KINDS for _ in range(cfg.n_test_per_kind)]
-        out.append((*make_scenes(cfg, src, split, kinds), kinds))
+            anomaly_sets = [k for k in ANOMALY_SETS for _ in range(cfg.n_test_per_set)]
+        out.append((*make_scenes(cfg, src, split, anomaly_sets), anomaly_sets))
     return tuple(out)
 
 
@@ -473,15 +474,15 @@ def mnist_scenes(cfg: SceneConfig) -> DenseBenchmark:
         cfg: Scene config; ``benchmark`` is not used.
 
     Returns:
-        ``n_train`` / ``n_val`` inlier scenes and ``n_test_per_kind`` test scenes for each anomaly kind
-        (in :data:`ANOMALY_KINDS` order). The arrays are read-only; copy before writing.
+        ``n_train`` / ``n_val`` inlier scenes and ``n_test_per_set`` test scenes for each anomaly set
+        (in :data:`ANOMALY_SETS` order). The arrays are read-only; copy before writing.
     """
     key = tuple(sorted(cfg.model_dump(exclude={"benchmark"}).items()))
     train, val, test = (
-        SceneSet(name, images, labels, anomaly, list(kinds))
-        for name, (images, labels, anomaly, kinds) in zip(SPLITS, _build(key), strict=True)
+        SceneSet(name, images, labels, anomaly, list(anomaly_sets))
+        for name, (images, labels, anomaly, anomaly_sets) in zip(SPLITS, _build(key), strict=True)
     )
-    return DenseBenchmark("mnist-scenes", list(CLASS_NAMES), train, val, test, dict(ANOMALY_KINDS))
+    return DenseBenchmark("mnist-scenes", list(CLASS_NAMES), train, val, test, dict(ANOMALY_SETS))
 
 
 def load_scenes(cfg: SceneConfig) -> DenseBenchmark:

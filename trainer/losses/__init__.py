@@ -4,7 +4,7 @@ Every docstring states the formula it computes; weights (α, β, γ, δ, λ, 0.1
 """
 
 from trainer.losses.club import CLUB
-from trainer.losses.isomax import IsoMaxPlusHead, isomax_loss, min_distance_score
+from trainer.losses.isomax import IsoMaxPlusHead, isomax_loss
 from trainer.losses.kd import DTProjector, feature_kd, logit_kd
 from trainer.losses.outlier import EnergyHead, binary_energy_ce, energy_margin_loss, oe_loss
 from trainer.losses.vos import VOSLoss, VOSQueue, fit_tied_gaussian, vos_sample
@@ -22,7 +22,6 @@ __all__ = [
     "fit_tied_gaussian",
     "isomax_loss",
     "logit_kd",
-    "min_distance_score",
     "oe_loss",
     "vos_sample",
 ]

@@ -1,20 +1,32 @@
-"""The method interface and its registry."""
+"""The method interface, its registry, and the :class:`Plan` a method hands the training loop.
+
+A method has two parts: :meth:`Method.setup`, run once before the run directory is touched, which
+loads everything the method needs (each resource once: teacher, outlier datasets), builds the model it
+trains and its own modules, and fails with a :class:`~oodforge.config.ConfigError` naming what is
+missing; and :meth:`Method.loss`, which turns one batch (plus one batch of every outlier set) into the
+loss and its named parts.
+
+Example:
+    >>> method = build_method("oal", {"alpha": 4.0})
+    >>> plan = method.setup(config, bench)
+    >>> loss, parts = method.loss(plan.model, (images, labels), {"knn": knn_rows})
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import Dataset
 
 from oodforge.backbones import Classifier, build_classifier
-from oodforge.config import StrictModel
+from oodforge.config import ConfigError, StrictModel
+from oodforge.data import Benchmark
 from oodforge.registry import Registry
-
-if TYPE_CHECKING:
-    from trainer.config import TrainConfig
+from trainer.config import TrainConfig
 
 
 class NoArgs(StrictModel):
@@ -22,53 +34,42 @@ class NoArgs(StrictModel):
 
 
 @dataclass
-class MethodContext:
-    """What a method may need to build itself: the validated args, class count and the run's config."""
+class Plan:
+    """What the loop trains, as the method's :meth:`Method.setup` built it.
 
-    args: Any
-    num_classes: int
-    config: Any
-    feature_dim: int = 0  # width of the model's features h (what the method's heads/projectors take)
+    Attributes:
+        model: The classifier to train (``init_from`` weights are loaded into it by the loop).
+        param_groups: Optimizer groups for the method's own modules (``{"params": [...], "lr": ...}``);
+            method parameters in no group train at the run's learning rate.
+        outliers: Named outlier datasets; the loop draws one batch of each per step.
+        outlier_batch_size: Rows per outlier batch (the ID batch size when ``None``).
+        find_unused_parameters: Some parameters get no gradient on some steps (DDP must know).
+    """
+
+    model: Classifier
+    param_groups: list[dict[str, Any]] = field(default_factory=list)
+    outliers: dict[str, Dataset] = field(default_factory=dict)
+    outlier_batch_size: int | None = None
+    find_unused_parameters: bool = False
 
 
 class Method(nn.Module):
-    """Base class: ``loss(model, batch)`` returns the total loss and named scalar parts for logging.
+    """Base class: :meth:`setup` once, then :meth:`loss` per step.
 
-    Sub-modules registered on the method (``self.head = nn.Linear(...)``) are trained and checkpointed
-    together with the backbone. Class-level hooks run before training: :meth:`check` (fail fast on a
-    missing input, before the run directory is touched), :meth:`build_model` (the classifier to train) and
-    :meth:`outlier_sets` (named outlier datasets; the loop passes one batch of each to :meth:`loss`).
+    Sub-modules registered on the method in :meth:`setup` (``self.head = nn.Linear(...)``) are trained
+    and checkpointed together with the backbone.
     """
 
     Config: ClassVar[type[StrictModel]] = NoArgs
-    find_unused_parameters: ClassVar[bool] = False  # True if some parameters get no gradient on some steps
 
-    def __init__(self, ctx: MethodContext) -> None:
+    def __init__(self, args: StrictModel) -> None:
+        """Keep the validated ``method_args``."""
         super().__init__()
-        self.ctx = ctx
+        self.args = args
 
-    @classmethod
-    def check(cls, args: Any, config: TrainConfig) -> None:
-        """Raise :class:`~oodforge.config.ConfigError` if something the method needs is missing."""
-
-    @classmethod
-    def build_model(cls, args: Any, config: TrainConfig, class_names: list[str]) -> Classifier:
-        """The classifier this method trains; by default the configured backbone with its head."""
-        return build_classifier(config.model, len(class_names))
-
-    def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
-        """Optimizer parameter groups of the method's own trainable modules (at the run's lr by default)."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
-
-    @classmethod
-    def outlier_sets(cls, args: Any, config: TrainConfig, class_names: list[str]) -> dict[str, Dataset]:
-        """Named outlier datasets this method trains on (none by default)."""
-        return {}
-
-    @classmethod
-    def outlier_batch_size(cls, args: Any, config: TrainConfig) -> int:
-        """Rows per outlier batch; the ID batch size unless the method's args say otherwise."""
-        return getattr(args, "outlier_batch_size", None) or config.train.batch_size
+    def setup(self, config: TrainConfig, data: Benchmark) -> Plan:
+        """Build the model this method trains (by default the configured backbone and head)."""
+        return Plan(model=build_classifier(config.model, len(data.class_names)))
 
     def loss(
         self,
@@ -81,3 +82,22 @@ class Method(nn.Module):
 
 
 METHODS: Registry[type[Method]] = Registry("method")
+
+
+def build_method(name: str, method_args: dict[str, Any]) -> Method:
+    """The registered method ``name`` with its validated ``method_args``; :class:`ConfigError` otherwise."""
+    try:
+        cls = METHODS.get(name)
+    except KeyError as err:
+        raise ConfigError(f"method: {err.args[0]}") from None
+    try:
+        args = cls.Config.model_validate(method_args)
+    except ValidationError as err:
+        parts = []
+        for e in err.errors():
+            where = "method_args." + ".".join(str(p) for p in e["loc"])
+            parts.append(
+                f"unknown key '{where}'" if e["type"] == "extra_forbidden" else f"{where}: {e['msg']}"
+            )
+        raise ConfigError("; ".join(parts)) from None
+    return cls(args)

@@ -19,6 +19,7 @@ class CrossEntropy(Method):
         batch: tuple[torch.Tensor, torch.Tensor],
         outliers: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy of the batch's logits."""
         images, labels = batch
         logits, _ = model(images)
         loss = F.cross_entropy(logits, labels)

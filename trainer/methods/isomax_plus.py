@@ -9,18 +9,15 @@ The model gets the IsoMax+ head, ``z_j = −|d_s|·‖ĥ − p̂_j‖`` to learn
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from pydantic import Field
 
 from oodforge.backbones import Classifier, HeadConfig, build_classifier
 from oodforge.config import ConfigError, StrictModel
+from oodforge.data import Benchmark
+from trainer.config import TrainConfig
 from trainer.losses.isomax import isomax_loss
-from trainer.methods.base import METHODS, Method
-
-if TYPE_CHECKING:
-    from trainer.config import TrainConfig
+from trainer.methods.base import METHODS, Method, Plan
 
 
 class IsoMaxArgs(StrictModel):
@@ -39,17 +36,14 @@ class IsoMaxPlus(Method):
 
     Config = IsoMaxArgs
 
-    @classmethod
-    def check(cls, args: IsoMaxArgs, config: TrainConfig) -> None:
+    def setup(self, config: TrainConfig, data: Benchmark) -> Plan:
+        """The backbone with the IsoMax+ head."""
         if config.model.head not in (HeadConfig(), HeadConfig(name="isomax_plus")):
             raise ConfigError(
                 "model.head: isomax_plus builds its own head; remove model.head from the config"
             )
-
-    @classmethod
-    def build_model(cls, args: IsoMaxArgs, config: TrainConfig, class_names: list[str]) -> Classifier:
         model_cfg = config.model.model_copy(update={"head": HeadConfig(name="isomax_plus")})
-        return build_classifier(model_cfg, len(class_names))
+        return Plan(model=build_classifier(model_cfg, len(data.class_names)))
 
     def loss(
         self,
@@ -57,7 +51,8 @@ class IsoMaxPlus(Method):
         batch: tuple[torch.Tensor, torch.Tensor],
         outliers: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``CE(entropic_scale · z, y)``."""
         images, labels = batch
         logits, _ = model(images)
-        loss = isomax_loss(logits, labels, self.ctx.args.entropic_scale)
+        loss = isomax_loss(logits, labels, self.args.entropic_scale)
         return loss, {"isomax": loss.item()}

@@ -21,32 +21,31 @@ reach disjoint parameters. DT and the CLUB networks learn at ``aux_lr`` (0.1 in 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from oodforge.backbones import Classifier
 from oodforge.config import ConfigError
-from oodforge.detector import ArtifactError, Detector
+from oodforge.data import Benchmark
+from oodforge.detector import ArtifactError, ClassifierDetector
+from oodforge.outliers import OutlierDataset
+from trainer.config import TrainConfig
 from trainer.losses.club import CLUB, club_estimate
 from trainer.losses.kd import DTProjector, feature_kd, logit_kd
-from trainer.methods.base import METHODS, Method, MethodContext
+from trainer.methods.base import METHODS, Method, Plan
 from trainer.methods.pixel import (
-    DEFAULT_WEIGHTS,
-    PIXEL_TERMS,
     PixelTermArgs,
-    PixelTermName,
+    build_term,
+    check_term,
     joint_forward,
     load_outliers,
     pixel_set,
 )
-
-if TYPE_CHECKING:
-    from trainer.config import TrainConfig
 
 TRAIN_TEACHER = "accelerate launch trainer/train_oal.py --config configs/train/teacher.yaml"
 
@@ -78,8 +77,13 @@ class OALArgs(PixelTermArgs):
     club_q_training: Literal["joint", "alternate"] = "joint"
     club_hidden: int = Field(128, ge=1)
     aux_lr: float = Field(0.1, gt=0)
-    pixel_term: PixelTermName | None = None
+    pixel_term: str | None = None
     pixel_weight: float | None = Field(None, ge=0)
+
+    @field_validator("pixel_term")
+    @classmethod
+    def _registered(cls, name: str | None) -> str | None:
+        return check_term(name)
 
 
 def pool_sd(latents: torch.Tensor) -> torch.Tensor:
@@ -89,19 +93,16 @@ def pool_sd(latents: torch.Tensor) -> torch.Tensor:
     return latents.float().mean(dim=(1, 2))
 
 
-def load_teacher(path: Path) -> Detector:
+def load_teacher(path: Path) -> ClassifierDetector:
     """The teacher detector, or a :class:`ConfigError` that says how to make it."""
     try:
-        return Detector.load(path)
+        return ClassifierDetector.load(path)
     except ArtifactError as err:
         raise ConfigError(f"method_args.teacher: {err}. Train the teacher with `{TRAIN_TEACHER}`") from None
 
 
-def _latent_sets(args: OALArgs, teacher_dim: int) -> dict[str, torch.Tensor]:
+def _latent_sets(args: OALArgs, ds: OutlierDataset, teacher_dim: int) -> dict[str, torch.Tensor]:
     """The outlier vectors the CLUB terms need (only those with a non-zero weight), width-checked."""
-    if not (args.gamma or args.delta):
-        return {}
-    ds = load_outliers(args.outliers)
     sets = {}
     try:
         if args.gamma:
@@ -124,26 +125,11 @@ class OutlierAwareLearning(Method):
 
     Config = OALArgs
 
-    def __init__(self, ctx: MethodContext) -> None:
-        super().__init__(ctx)
-        args: OALArgs = ctx.args
-        teacher = load_teacher(args.teacher).model.eval().requires_grad_(False)
-        # held outside the module tree: not trained, not checkpointed, not wrapped by DDP
-        object.__setattr__(self, "teacher", teacher)
-        dims = {name: t.shape[1] for name, t in _latent_sets(args, teacher.feature_dim).items()}
-        if args.beta:
-            self.dt = DTProjector(teacher.feature_dim, ctx.feature_dim)
-        self.clubs = nn.ModuleDict(
-            {name: CLUB(width, ctx.feature_dim, args.club_hidden) for name, width in dims.items()}
-        )
-        if args.pixel_term:
-            self.pixel = PIXEL_TERMS.get(args.pixel_term)(args)
-            self.pixel_weight = (
-                args.pixel_weight if args.pixel_weight is not None else DEFAULT_WEIGHTS[args.pixel_term]
-            )
-
-    @classmethod
-    def check(cls, args: OALArgs, config: TrainConfig) -> None:
+    def setup(self, config: TrainConfig, data: Benchmark) -> Plan:
+        """Load the teacher and the synth dataset once; build the student, DT and the CLUB networks."""
+        args: OALArgs = self.args
+        if config.init_from is None:
+            raise ConfigError("init_from: OAL fine-tunes the CE baseline; set init_from: runs/ce/detector")
         teacher = load_teacher(args.teacher)
         if teacher.preprocess != config.preprocess:
             raise ConfigError(
@@ -151,43 +137,39 @@ class OutlierAwareLearning(Method):
                 f"but this run uses {config.preprocess.model_dump()}; the student and teacher see the same "
                 "tensors, so use the teacher's preprocess"
             )
-        if config.init_from is None:
-            raise ConfigError("init_from: OAL fine-tunes the CE baseline; set init_from: runs/ce/detector")
-        _latent_sets(args, teacher.model.feature_dim)
-        if args.pixel_term:
-            pixel_set(args.outliers, config)
-            PIXEL_TERMS.get(args.pixel_term)(args)
-
-    @classmethod
-    def outlier_sets(cls, args: OALArgs, config: TrainConfig, class_names: list[str]) -> dict[str, Dataset]:
-        teacher = load_teacher(args.teacher)
-        if teacher.class_names != class_names:
+        if teacher.class_names != data.class_names:
             raise ConfigError(
                 f"method_args.teacher: the teacher's classes {teacher.class_names} are not this run's "
-                f"{class_names}; train the teacher on the same benchmark"
+                f"{data.class_names}; train the teacher on the same benchmark"
             )
-        sets: dict[str, Dataset] = {
-            name: TensorDataset(t) for name, t in _latent_sets(args, teacher.model.feature_dim).items()
-        }
+        needs_outliers = bool(args.gamma or args.delta or args.pixel_term)
+        outliers = load_outliers(args.outliers) if needs_outliers else None
+        latents = _latent_sets(args, outliers, teacher.model.feature_dim) if outliers else {}
+        sets: dict[str, Dataset] = {name: TensorDataset(t) for name, t in latents.items()}
         if args.pixel_term:
-            sets["pixel"] = pixel_set(args.outliers, config)
-        return sets
-
-    @classmethod
-    def outlier_batch_size(cls, args: OALArgs, config: TrainConfig) -> int:
-        return config.train.batch_size  # CLUB pairs outlier row i with ID row i
-
-    def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
+            self.pixel, self.pixel_weight = build_term(args.pixel_term, args, args.pixel_weight)
+            sets["pixel"] = pixel_set(outliers, config)
+        plan = super().setup(config, data)
+        width = plan.model.feature_dim
+        # held outside the module tree: not trained, not checkpointed, not wrapped by DDP
+        object.__setattr__(self, "teacher", teacher.model.eval().requires_grad_(False))
+        if args.beta:
+            self.dt = DTProjector(teacher.model.feature_dim, width)
+        self.clubs = nn.ModuleDict(
+            {name: CLUB(t.shape[1], width, args.club_hidden) for name, t in latents.items()}
+        )
         aux = [p for name, p in self.named_parameters() if name.startswith(("dt.", "clubs."))]
-        rest = [p for name, p in self.named_parameters() if not name.startswith(("dt.", "clubs."))]
-        return [{"params": aux, "lr": self.ctx.args.aux_lr}, {"params": rest}]
+        plan.param_groups = [{"params": aux, "lr": args.aux_lr}]
+        plan.outliers = sets
+        plan.outlier_batch_size = config.train.batch_size  # CLUB pairs outlier row i with ID row i
+        return plan
 
     def _club(self, name: str, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(estimate, loss to add)``: the loss is ``weight·estimate`` (+ q's own loss when alternating)."""
         club: CLUB = self.clubs[name]
-        weight = self.ctx.args.gamma if name == "knn" else self.ctx.args.delta
+        weight = self.args.gamma if name == "knn" else self.args.delta
         x = x.to(h.dtype)
-        if self.ctx.args.club_q_training == "joint":
+        if self.args.club_q_training == "joint":
             estimate = club(x, h)
             return estimate, weight * estimate
         mu, logvar = club.mu_logvar(x)
@@ -200,7 +182,8 @@ class OutlierAwareLearning(Method):
         batch: tuple[torch.Tensor, torch.Tensor],
         outliers: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        args: OALArgs = self.ctx.args
+        """The OAL student loss of one batch; every term is returned on its own for logging."""
+        args: OALArgs = self.args
         images, labels = batch
         if args.pixel_term:
             logits, h_s, logits_out, _ = joint_forward(model, images, outliers["pixel"])

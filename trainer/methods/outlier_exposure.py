@@ -12,18 +12,22 @@ pass. Both papers fine-tune a trained classifier: the configs start from ``runs/
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from oodforge.backbones import Classifier
-from trainer.methods.base import METHODS, Method, MethodContext
-from trainer.methods.pixel import DEFAULT_WEIGHTS, PIXEL_TERMS, PixelOutlierArgs, joint_forward, pixel_set
-
-if TYPE_CHECKING:
-    from trainer.config import TrainConfig
+from oodforge.data import Benchmark
+from trainer.config import TrainConfig
+from trainer.methods.base import METHODS, Method, Plan
+from trainer.methods.pixel import (
+    PixelOutlierArgs,
+    build_term,
+    joint_forward,
+    load_outliers,
+    pixel_set,
+)
 
 
 class PixelOutlierMethod(Method):
@@ -32,21 +36,14 @@ class PixelOutlierMethod(Method):
     Config = PixelOutlierArgs
     TERM: ClassVar[str]
 
-    def __init__(self, ctx: MethodContext) -> None:
-        super().__init__(ctx)
-        self.term = PIXEL_TERMS.get(self.TERM)(ctx.args)
-        self.weight = ctx.args.weight if ctx.args.weight is not None else DEFAULT_WEIGHTS[self.TERM]
-
-    @classmethod
-    def check(cls, args: PixelOutlierArgs, config: TrainConfig) -> None:
-        pixel_set(args.outliers, config)  # missing or empty outlier datasets fail before the run dir exists
-        PIXEL_TERMS.get(cls.TERM)(args)  # and so do invalid term options
-
-    @classmethod
-    def outlier_sets(
-        cls, args: PixelOutlierArgs, config: TrainConfig, class_names: list[str]
-    ) -> dict[str, Dataset]:
-        return {"pixel": pixel_set(args.outliers, config)}
+    def setup(self, config: TrainConfig, data: Benchmark) -> Plan:
+        """The configured classifier, the term, and the synth dataset's images as the ``pixel`` set."""
+        args: PixelOutlierArgs = self.args
+        self.term, self.weight = build_term(self.TERM, args, args.weight)  # invalid options fail here
+        plan = super().setup(config, data)
+        plan.outliers = {"pixel": pixel_set(load_outliers(args.outliers), config)}
+        plan.outlier_batch_size = args.outlier_batch_size
+        return plan
 
     def loss(
         self,
@@ -54,6 +51,7 @@ class PixelOutlierMethod(Method):
         batch: tuple[torch.Tensor, torch.Tensor],
         outliers: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``CE(f_in, y) + λ·term(f_in, f_out)``, ID and outlier images in one forward pass."""
         images, labels = batch
         logits_in, _, logits_out, _ = joint_forward(model, images, outliers["pixel"])
         ce = F.cross_entropy(logits_in, labels)

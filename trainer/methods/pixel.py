@@ -14,8 +14,8 @@ pixel term use them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
@@ -27,13 +27,9 @@ from oodforge.config import ConfigError, StrictModel
 from oodforge.data.transforms import TransformedSet
 from oodforge.outliers import OutlierDataset
 from oodforge.registry import Registry
+from trainer.config import TrainConfig
 from trainer.losses.outlier import EnergyHead, energy_margin_loss, oe_loss
 
-if TYPE_CHECKING:
-    from trainer.config import TrainConfig
-
-PixelTermName = Literal["oe", "energy_margin", "energy_head"]
-DEFAULT_WEIGHTS: dict[str, float] = {"oe": 0.5, "energy_margin": 0.1, "energy_head": 0.1}
 GENERATE = "python -m synth generate --config configs/synth/mnist_open.yaml --out outliers/mnist-open"
 
 
@@ -71,10 +67,33 @@ class EnergyMarginTerm(nn.Module):
         return energy_margin_loss(logits_in, logits_out, self.m_in, self.m_out)
 
 
-PIXEL_TERMS: Registry[Callable[[PixelTermArgs], nn.Module]] = Registry("pixel-outlier term")
-PIXEL_TERMS.register("oe")(lambda args: OETerm())
-PIXEL_TERMS.register("energy_margin")(lambda args: EnergyMarginTerm(args.m_in, args.m_out))
-PIXEL_TERMS.register("energy_head")(lambda args: EnergyHead())
+@dataclass(frozen=True)
+class PixelTerm:
+    """A registered pixel-outlier term: how to build it and the weight its paper uses."""
+
+    build: Callable[[PixelTermArgs], nn.Module]
+    weight: float
+
+
+PIXEL_TERMS: Registry[PixelTerm] = Registry("pixel-outlier term")
+PIXEL_TERMS.register("oe")(PixelTerm(lambda args: OETerm(), weight=0.5))
+PIXEL_TERMS.register("energy_margin")(
+    PixelTerm(lambda args: EnergyMarginTerm(args.m_in, args.m_out), weight=0.1)
+)
+PIXEL_TERMS.register("energy_head")(PixelTerm(lambda args: EnergyHead(), weight=0.1))
+
+
+def check_term(name: str | None) -> str | None:
+    """``name`` if it is a registered pixel term (or ``None``); a ``ValueError`` listing them otherwise."""
+    if name is not None and name not in PIXEL_TERMS:
+        raise ValueError(f"unknown pixel term {name!r}; choose one of: {', '.join(PIXEL_TERMS.names())}")
+    return name
+
+
+def build_term(name: str, args: PixelTermArgs, weight: float | None) -> tuple[nn.Module, float]:
+    """The term ``name`` built from ``args`` and its weight (the paper's when ``weight`` is ``None``)."""
+    term = PIXEL_TERMS.get(name)
+    return term.build(args), term.weight if weight is None else weight
 
 
 def load_outliers(path: Path) -> OutlierDataset:
@@ -87,10 +106,10 @@ def load_outliers(path: Path) -> OutlierDataset:
         raise ConfigError(f"method_args.outliers: {err}") from None
 
 
-def pixel_set(path: Path, config: TrainConfig) -> Dataset:
-    """The kept pixel outliers of the synth dataset at ``path``, preprocessed (and augmented) like ID train."""
+def pixel_set(outliers: OutlierDataset, config: TrainConfig) -> Dataset:
+    """The kept pixel outliers of a synth dataset, preprocessed (and augmented) like ID train."""
     try:
-        images = load_outliers(path).images()
+        images = outliers.images()
     except ValueError as err:
         raise ConfigError(f"method_args.outliers: {err}") from None
     return TransformedSet(

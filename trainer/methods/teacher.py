@@ -11,18 +11,16 @@ is ``CE(f, y)``. The exported detector's features are ``z``, the embedding the s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from oodforge.backbones import BackboneConfig, Classifier, HeadConfig, build_classifier
+from oodforge.backbones import BackboneConfig, HeadConfig, build_classifier
 from oodforge.config import ConfigError, StrictModel
+from oodforge.data import Benchmark
 from oodforge.tokens import load_class_anchors
-from trainer.methods.base import METHODS
+from trainer.config import TrainConfig
+from trainer.methods.base import METHODS, Plan
 from trainer.methods.ce import CrossEntropy
-
-if TYPE_CHECKING:
-    from trainer.config import TrainConfig
 
 FIT_GENERATOR = "python -m synth fit-generator --config configs/synth/tiny_mnist_open.yaml --out generators/tiny-mnist-open"
 GENERATOR_PARTS = ("tokenizer", "text_encoder")
@@ -93,22 +91,20 @@ class TextAlignedTeacher(CrossEntropy):  # the loss is CE, over the cosine head'
 
     Config = TeacherArgs
 
-    @classmethod
-    def check(cls, args: TeacherArgs, config: TrainConfig) -> None:
+    def setup(self, config: TrainConfig, data: Benchmark) -> Plan:
+        """The backbone with a cosine head over the generator's class anchors."""
+        args: TeacherArgs = self.args
         if config.model.head != HeadConfig():
             raise ConfigError(
                 "model.head: the teacher method builds its own cosine head (temperature: method_args.tau); "
                 "remove model.head from the config"
             )
         check_generator(args.generator, args.revision)
-
-    @classmethod
-    def build_model(cls, args: TeacherArgs, config: TrainConfig, class_names: list[str]) -> Classifier:
         try:
-            anchors = load_class_anchors(args.generator, class_names, revision=args.revision)
+            anchors = load_class_anchors(args.generator, data.class_names, revision=args.revision)
         except FileNotFoundError as err:
             raise ConfigError(str(err)) from None
         model_cfg: BackboneConfig = config.model.model_copy(
             update={"head": HeadConfig(name="cosine", tau=args.tau)}
         )
-        return build_classifier(model_cfg, len(class_names), anchors=anchors)
+        return Plan(model=build_classifier(model_cfg, len(data.class_names), anchors=anchors))

@@ -21,8 +21,10 @@ from pydantic import Field
 
 from oodforge.backbones import Classifier
 from oodforge.config import StrictModel
+from oodforge.data import Benchmark
+from trainer.config import TrainConfig
 from trainer.losses.vos import VOSLoss, VOSQueue, vos_sample
-from trainer.methods.base import METHODS, Method, MethodContext
+from trainer.methods.base import METHODS, Method, Plan
 
 
 class VOSArgs(StrictModel):
@@ -55,12 +57,15 @@ class VirtualOutlierSynthesis(Method):
     """CE plus the VOS uncertainty loss on virtual outliers sampled from the class queues."""
 
     Config = VOSArgs
-    find_unused_parameters = True  # the uncertainty head gets no gradient until the queues are full
 
-    def __init__(self, ctx: MethodContext) -> None:
-        super().__init__(ctx)
-        self.queue = VOSQueue(ctx.num_classes, ctx.feature_dim, ctx.args.capacity)
-        self.uncertainty = VOSLoss(ctx.num_classes)
+    def setup(self, config: TrainConfig, data: Benchmark) -> Plan:
+        """The configured classifier, the class queues and the uncertainty head."""
+        plan = super().setup(config, data)
+        num_classes = len(data.class_names)
+        self.queue = VOSQueue(num_classes, plan.model.feature_dim, self.args.capacity)
+        self.uncertainty = VOSLoss(num_classes)
+        plan.find_unused_parameters = True  # the uncertainty head gets no gradient until the queues fill
+        return plan
 
     def loss(
         self,
@@ -68,10 +73,11 @@ class VirtualOutlierSynthesis(Method):
         batch: tuple[torch.Tensor, torch.Tensor],
         outliers: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """CE, plus the uncertainty loss once every class queue is full."""
         images, labels = batch
         logits, features = model(images)
         ce = F.cross_entropy(logits, labels)
-        args = self.ctx.args
+        args = self.args
         # every process pushes every process's features, so the queues stay identical
         self.queue.update(gather_rows(features.detach()), gather_rows(labels))
         if not self.queue.ready():
