@@ -65,7 +65,11 @@ def write_artifact(path: str | Path, tensors: dict[str, torch.Tensor], spec: Spe
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         save_file(
-            tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "oodforge": str(SUPPORTED_FORMAT)}
+            tensors,
+            str(tmp / WEIGHTS_FILE),
+            metadata={
+                "format": "pt"
+            },  # one key: safetensors orders metadata keys at random, and identical weights must give an identical checksum
         )
         spec = spec.model_copy(update={"checksums": {WEIGHTS_FILE: sha256(tmp / WEIGHTS_FILE)}})
         (tmp / SPEC_FILE).write_text(spec.model_dump_json(indent=2))

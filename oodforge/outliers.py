@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -62,6 +63,9 @@ IMAGES_DIR = "images"
 PARTS_DIR = "parts"
 LATENT_NDIM = {"knn": 2, "sd": 4}
 KEPT = "kept"
+HOLDOUT_FRACTION = 0.2
+"""Share of the kept pixel outliers that no method trains on: they are the held-out synthetic outliers
+that score selection (``export.score: auto``) compares with ID validation images."""
 
 Pool = Literal["pixel", "knn", "sd"]
 LatentPool = Literal["knn", "sd"]
@@ -76,6 +80,13 @@ _RUN_HINT = "re-run the same synth command to resume and finalize it"
 
 
 # --------------------------------------------------------------------------- files
+
+
+def is_holdout(record_id: str, fraction: float = HOLDOUT_FRACTION) -> bool:
+    """Whether an outlier belongs to the held-out part: a fixed function of its id (SHA-256), so every
+    run, method and process agrees without any shared state."""
+    digest = int.from_bytes(hashlib.sha256(record_id.encode()).digest()[:8], "big")
+    return digest < fraction * 2**64
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -535,28 +546,34 @@ class OutlierDataset:
             raise FileNotFoundError(f"{len(missing)} kept images are missing, e.g. {missing[0]}; {_RUN_HINT}")
         return ds
 
-    def _image_paths(self) -> list[Path]:
-        return [
-            self.root / r["file_name"] for r in self.records if r.get("pool") == "pixel" and r.get("kept")
-        ]
+    def _image_paths(self, part: Literal["all", "train", "holdout"] = "all") -> list[Path]:
+        kept = [r for r in self.records if r.get("pool") == "pixel" and r.get("kept")]
+        if part != "all":
+            kept = [r for r in kept if is_holdout(r["id"]) == (part == "holdout")]
+        return [self.root / r["file_name"] for r in kept]
 
     def kept(self, pool: Pool) -> list[dict[str, Any]]:
         """Records of the kept outliers of ``pool`` (in row order for the latent pools)."""
         return [r for r in self.records if r.get("pool") == pool and r.get("kept") is True]
 
-    def images(self) -> FileImageSet:
+    def images(self, part: Literal["all", "train", "holdout"] = "all") -> FileImageSet:
         """The kept pixel-space outliers as an image set with label -1.
 
+        Args:
+            part: ``train`` (what methods train on), ``holdout`` (the :func:`is_holdout` share, kept for
+                score selection) or ``all``.
+
         Raises:
-            ValueError: the dataset has no kept pixel outliers.
+            ValueError: the dataset has no kept pixel outliers (in that part).
         """
-        paths = self._image_paths()
+        paths = self._image_paths(part)
         if not paths:
+            what = "" if part == "all" else f" in its {part} part"
             raise ValueError(
-                f"outlier dataset {self.root} has no kept pixel outliers (counts: {self.card.get('counts')}); "
-                "generate images with synth or turn off the training terms that use them"
+                f"outlier dataset {self.root} has no kept pixel outliers{what} (counts: "
+                f"{self.card.get('counts')}); generate more images with synth or turn off what uses them"
             )
-        return FileImageSet("outliers", paths, np.full(len(paths), -1, dtype=np.int64))
+        return FileImageSet(f"outliers-{part}", paths, np.full(len(paths), -1, dtype=np.int64))
 
     def require(self, pool: str, width: int | None = None) -> torch.Tensor:
         """The tensor of a latent pool, checked to be present, non-empty and ``width`` wide (dim 1).

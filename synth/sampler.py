@@ -9,6 +9,12 @@ On one class's L2-normalised ID embeddings ``Z`` (DESIGN.md §5):
 3. Repeat rounds until ``n_out`` samples are collected; :func:`rescale` then puts them on the sphere of
    the class anchor ``‖T(y)‖``.
 
+``mode: public`` reproduces the public Dream-OOD/OAL sampler instead: one draw of ``n_candidates``
+noise vectors shared by every boundary point of a round, and the selection step's reshape of the
+candidates' distances with ``view(n_candidates, -1)`` — the candidates are laid out point by point, so
+that reshape mixes up rows and the "farthest" candidates it keeps are, in effect, random
+σ-perturbations of the boundary points. ``mode: fixed`` (the default) keeps the farthest candidates.
+
 Example:
     >>> out = boundary_sample(z, n_out=100, params=SamplerParams(), rng=np.random.default_rng(0))
     >>> v = rescale(out.samples, float(np.linalg.norm(anchor)))
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -39,6 +46,8 @@ class SamplerParams(StrictModel):
         n_candidates: candidates drawn around each boundary point per round.
         sigma: standard deviation σ of the Gaussian perturbation (on the unit sphere's scale).
         keep_per_point: candidates kept per boundary point per round (largest distance to the class).
+        mode: ``fixed`` (keep the farthest candidates) or ``public`` (the public code's selection, see the
+            module docstring).
     """
 
     k: int = Field(300, ge=1)
@@ -46,6 +55,7 @@ class SamplerParams(StrictModel):
     n_candidates: int = Field(1500, ge=1)
     sigma: float = Field(0.07, gt=0)
     keep_per_point: int = Field(2, ge=1)
+    mode: Literal["fixed", "public"] = "fixed"
 
     @model_validator(mode="after")
     def _keep_le_candidates(self) -> SamplerParams:
@@ -138,6 +148,20 @@ def _check_embeddings(z: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(normalize(z))
 
 
+def public_selection(dist: np.ndarray, keep: int) -> np.ndarray:
+    """The candidate picks of the public sampler, from distances laid out point by point.
+
+    ``dist`` is ``[P, L]`` (point ``i``'s ``L`` candidates in row ``i``, i.e. flat index ``i·L + j``). The
+    public code reshapes the flat distances to ``[L, P]`` (``view(length, -1)``), takes the ``keep``
+    largest of each column ``i`` (rows ``r``) and returns candidates ``i·L + r``. Returns ``[P, keep]``
+    candidate indices into each row of ``dist``.
+    """
+    n_points, length = dist.shape
+    misread = dist.reshape(-1).reshape(length, n_points)  # what view(length, -1) sees
+    rows = np.argsort(-misread, axis=0, kind="stable")[:keep]  # [keep, P]
+    return rows.T
+
+
 def _best_candidates(
     z: np.ndarray, points: np.ndarray, p: SamplerParams, rng: np.random.Generator, use_gpu: bool
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -148,12 +172,22 @@ def _best_candidates(
     d = z.shape[1]
     samples, dists = [], []
     chunk = max(1, _MAX_CANDIDATE_FLOATS // (p.n_candidates * d))
+    if p.mode == "public":  # its selection mixes candidates across all points of a round: no chunks
+        chunk = len(points)
     for start in range(0, len(points), chunk):
         b = points[start : start + chunk]
-        eps = rng.standard_normal((len(b), p.n_candidates, d), dtype=np.float32)
+        if p.mode == "public":  # one noise draw shared by every point (repeat(pic_nums, 1))
+            eps = np.broadcast_to(
+                rng.standard_normal((1, p.n_candidates, d), dtype=np.float32), (len(b), p.n_candidates, d)
+            )
+        else:
+            eps = rng.standard_normal((len(b), p.n_candidates, d), dtype=np.float32)
         cand = normalize(b[:, None, :] + p.sigma * eps)
         dist = kth_distance(cand.reshape(-1, d), z, p.k, use_gpu=use_gpu).reshape(len(b), p.n_candidates)
-        best = np.argsort(-dist, axis=1, kind="stable")[:, : p.keep_per_point]
+        if p.mode == "public":
+            best = public_selection(dist, p.keep_per_point)
+        else:
+            best = np.argsort(-dist, axis=1, kind="stable")[:, : p.keep_per_point]
         samples.append(np.take_along_axis(cand, best[:, :, None], axis=1))
         dists.append(np.take_along_axis(dist, best, axis=1))
     return np.concatenate(samples), np.concatenate(dists)

@@ -398,3 +398,26 @@ def test_isomax_plus_logits_nonpositive_on_random_features() -> None:
     assert z.shape == (16, 5) and (z <= 0).all()
     with pytest.raises(ValueError, match=r"\[N, 8\]"):
         head(torch.randn(2, 7))
+
+
+def test_club_q_networks_have_the_public_shapes() -> None:
+    from trainer.losses.club import CLUB
+
+    shallow, deep = CLUB(24, 16, 256, "mlp"), CLUB(64, 16, 256, "deep")
+    widths = lambda seq: [m.out_features for m in seq if isinstance(m, torch.nn.Linear)]  # noqa: E731
+    assert widths(shallow.mu) == [256, 16] and widths(shallow.logvar) == [256, 16]
+    assert widths(deep.mu) == [32, 16, 256, 16] and widths(deep.logvar) == [256, 16]
+    assert isinstance(deep.logvar[-1], torch.nn.Tanh)
+    with pytest.raises(ValueError, match="unknown CLUB q network 'wide'"):
+        CLUB(4, 4, 8, "wide")
+
+
+def test_pair_by_class_matches_classes_first() -> None:
+    from trainer.methods.oal import pair_by_class
+
+    labels = torch.tensor([2, 0, 2, 5])
+    rows = torch.arange(6.0).unsqueeze(1)  # row r holds the value r
+    classes = torch.tensor([0, 2, 1, 2, 0, 1])
+    paired, matched = pair_by_class(labels, rows, classes)
+    assert paired.flatten().tolist() == [1.0, 0.0, 3.0, 2.0]  # class 5 has no row: the first unused (2)
+    assert matched.tolist() == [True, True, True, False]

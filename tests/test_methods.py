@@ -101,6 +101,7 @@ def test_oal_training_lowers_the_club_term(ood_assets: OODAssets, mode: str) -> 
         delta=0,
     )
     x = torch.randn(256, TEACHER_WIDTH)
+    assert len(plan.param_groups) == 2  # DT, CLUB
     student = torch.nn.Linear(TEACHER_WIDTH, 16)  # features h = W x + noise: they depend on the outliers
     noise = 0.1 * torch.randn(256, 16)
     aux = [{**g, "lr": 0.05} for g in plan.param_groups]
@@ -170,7 +171,12 @@ def test_oal_missing_inputs_say_what_to_run(
     [
         ("oe.yaml", [], "oe", "msp"),
         ("energy_margin.yaml", [], "energy_margin", "energy"),
-        ("vos.yaml", ["method_args.capacity=20", "method_args.n_samples=500"], "vos", "energy"),
+        (
+            "vos.yaml",
+            ["method_args.capacity=20", "method_args.n_samples=500", "method_args.start_epoch=0"],
+            "vos",
+            "energy",
+        ),
         ("isomax_plus.yaml", [], "isomax", "max_logit"),
         (
             "oal.yaml",
@@ -215,14 +221,16 @@ def test_pixel_methods_use_one_forward_pass(ood_assets: OODAssets) -> None:
 
 def test_oal_modules_and_learning_rates(ood_assets: OODAssets) -> None:
     method, plan = prepared(
-        "oal.yaml", "oal", teacher=ood_assets.teacher, outliers=ood_assets.outliers, aux_lr=0.3
+        "oal.yaml", "oal", teacher=ood_assets.teacher, outliers=ood_assets.outliers, dt_lr=0.3
     )
     model = plan.model
     assert method.dt.teacher_dim == TEACHER_WIDTH and method.dt.student_dim == model.feature_dim
     assert method.clubs["knn"].x_dim == TEACHER_WIDTH and method.clubs["sd"].x_dim == 8  # pooled w
     assert not any("teacher" in name for name in method.state_dict())  # frozen, not checkpointed
-    (aux,) = plan.param_groups
-    assert aux["lr"] == 0.3 and len(aux["params"]) == len(list(method.parameters()))
+    dt, clubs = plan.param_groups
+    assert dt["lr"] == 0.3 and len(dt["params"]) == len(list(method.dt.parameters()))
+    assert clubs["lr"] == 1e-4 and len(clubs["params"]) == len(list(method.clubs.parameters()))
+    assert method.clubs["knn"].network == "mlp" and method.clubs["sd"].network == "deep"
     assert set(plan.outliers) == {"knn", "sd"} and plan.outlier_batch_size == 128
 
     bare, bare_plan = prepared(

@@ -150,6 +150,7 @@ def test_small_class_scales_defaults_down() -> None:
         "n_candidates": 1500,
         "sigma": 0.07,
         "keep_per_point": 2,
+        "mode": "fixed",
     }
     out = boundary_sample(z, 50, SamplerParams(n_candidates=100), np.random.default_rng(0))
     assert out.samples.shape == (50, 8) and out.params.k == 19 and out.params.select == 20
@@ -173,3 +174,31 @@ def test_rescale_and_params_validation() -> None:
         validate(SamplerParams, {"n_candidates": 1, "keep_per_point": 2})
     with pytest.raises(ConfigError, match="unknown key 'sigmaa'"):
         validate(SamplerParams, {"sigmaa": 0.1})
+
+
+def test_public_selection_reproduces_the_view_reshape() -> None:
+    """Point i's candidates are row i (flat i*L + j); view(L, -1) reads the flat list as [L, P]."""
+    from synth.sampler import public_selection
+
+    dist = np.array([[0.0, 5.0, 1.0], [9.0, 2.0, 3.0]])  # flat 0 5 1 9 2 3 -> [[0, 5], [1, 9], [2, 3]]
+    assert public_selection(dist, 1).tolist() == [[2], [1]]  # column maxima: rows 2 and 1
+    assert public_selection(dist, 2).tolist() == [[2, 1], [1, 0]]
+    # the fixed sampler keeps each point's own farthest candidates instead: 5.0 (j=1) and 9.0 (j=0)
+    assert np.argsort(-dist, axis=1)[:, 0].tolist() == [1, 0]
+
+
+def test_public_mode_keeps_nearer_candidates_than_the_fixed_one() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(120, 16)).astype(np.float32)
+    params = {"k": 10, "select": 10, "n_candidates": 300, "use_gpu": False}
+    far = {}
+    for mode in ("fixed", "public"):
+        p = SamplerParams(
+            k=params["k"], select=params["select"], n_candidates=params["n_candidates"], mode=mode
+        )
+        out = boundary_sample(z, 40, p, np.random.default_rng(1), use_gpu=False)
+        assert out.samples.shape == (40, 16) and np.allclose(
+            np.linalg.norm(out.samples, axis=1), 1, atol=1e-5
+        )
+        far[mode] = float(out.distance.mean())
+    assert far["public"] < far["fixed"]  # the fixed mode keeps the farthest; public keeps misread picks

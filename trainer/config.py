@@ -51,8 +51,25 @@ class EvalConfig(StrictModel):
     plots: bool = True
 
 
+AUTO_SCORE = "auto"
+
+
 class ExportConfig(StrictModel):
+    """What the exported detector scores with and how its threshold is calibrated.
+
+    Attributes:
+        score: A registered score, or ``auto``: the one of ``candidates`` with the lowest FPR@95 (ties:
+            the higher AUROC) on the held-out synthetic outliers against the ID validation split — no test
+            OOD set is read (``trainer.selection``).
+        candidates: The scores ``auto`` chooses from.
+        selection_outliers: The synth dataset whose held-out pixel outliers ``auto`` uses (default: the
+            method's ``method_args.outliers``).
+        target_id_tpr: Share of ID validation images the threshold accepts.
+    """
+
     score: str = "energy"
+    candidates: list[str] = ["energy", "msp", "max_logit", "knn", "mahalanobis"]
+    selection_outliers: Path | None = None
     target_id_tpr: float = Field(0.95, gt=0, lt=1)
 
 
@@ -82,7 +99,8 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_scores(self) -> TrainConfig:
-        for name in [*self.eval.scores, self.export.score]:
+        exported = [] if self.export.score == AUTO_SCORE else [self.export.score]
+        for name in [*self.eval.scores, *exported, *self.export.candidates]:
             if name not in SCORES:
                 raise ValueError(f"unknown score {name!r}; choose from {SCORES.names()}")
         return self

@@ -30,7 +30,7 @@ from oodforge.data import Benchmark, ImageSet, load_benchmark
 from oodforge.data.transforms import TransformedSet
 from oodforge.detector import ArtifactError, ClassifierDetector
 from trainer.classifier_eval import collect, collect_benchmark, evaluate_outputs, fit_scores
-from trainer.config import TrainConfig
+from trainer.config import AUTO_SCORE, TrainConfig
 from trainer.loop import (
     build_optimizer,
     end_step,
@@ -45,6 +45,7 @@ from trainer.loop import (
 from trainer.methods import Method, Plan, build_method
 from trainer.outlier_stream import OutlierStream
 from trainer.report import write_report
+from trainer.selection import holdout_images_dir, load_holdout, select_score
 
 
 class TrainStep(nn.Module):
@@ -92,6 +93,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     bench = load_benchmark(cfg.data)
     set_seed(cfg.seed)  # the model's initial weights are a function of the seed
     plan = method.setup(cfg, bench)  # missing inputs fail here, before the run directory is touched
+    if cfg.export.score == AUTO_SCORE:  # so does a missing held-out set for score selection
+        try:
+            load_holdout(holdout_images_dir(cfg.export.selection_outliers, cfg.method_args)).images("holdout")
+        except ValueError as err:
+            raise ConfigError(f"export.score: auto: {err}") from None
     model = plan.model
     if cfg.init_from is not None:
         load_initial_weights(model, cfg.init_from)
@@ -126,6 +132,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     while progress.epoch < cfg.train.epochs:
         epoch = progress.epoch
         train_set.set_epoch(epoch)
+        method.set_epoch(epoch)
         step_module.train()
         bar = epoch_batches(accelerator, loader, progress, cfg.train.epochs)
         running, seen = 0.0, 0
@@ -194,6 +201,27 @@ def _accuracy(accelerator: Accelerator, model: Classifier, images: ImageSet, cfg
     return (out.logits.argmax(1) == out.labels).float().mean().item()
 
 
+def choose_export_score(
+    cfg: TrainConfig, model: Classifier, outputs: dict[str, Any], device: str
+) -> tuple[str, dict[str, Any] | None]:
+    """``export.score``, or for ``auto`` the candidate chosen on ID val vs held-out synthetic outliers."""
+    if cfg.export.score != AUTO_SCORE:
+        return cfg.export.score, None
+    path = holdout_images_dir(cfg.export.selection_outliers, cfg.method_args)
+    images = load_holdout(path).images("holdout")
+    holdout = collect(model, images, cfg.preprocess, cfg.train.eval_batch_size, device, desc="embed held-out")
+    candidates = fit_scores(cfg.export.candidates, cfg.eval.score_params, outputs["train"])
+    name, table = select_score(candidates, outputs["val"], holdout, cfg.export.target_id_tpr)
+    return name, {
+        "chosen": name,
+        "criterion": "lowest FPR@95 (then highest AUROC): ID val vs held-out synthetic outliers",
+        "id_split": "val",
+        "outliers": str(path),
+        "n_outliers": len(images),
+        "candidates": table,
+    }
+
+
 def finish(
     cfg: TrainConfig,
     model: Classifier,
@@ -206,7 +234,8 @@ def finish(
     """Evaluate every configured score, write the report and export the detector."""
     model.eval()
     outputs = collect_benchmark(model, bench, cfg.preprocess, cfg.train.eval_batch_size, device)
-    names = list(dict.fromkeys([*cfg.eval.scores, cfg.export.score]))
+    export_score, selection = choose_export_score(cfg, model, outputs, device)
+    names = list(dict.fromkeys([*cfg.eval.scores, export_score]))
     scores = fit_scores(names, cfg.eval.score_params, outputs["train"])
     result, values = evaluate_outputs(outputs, bench, scores, tpr=cfg.export.target_id_tpr)
     result.update(
@@ -219,9 +248,11 @@ def finish(
             "step_ms": None if step_ms is None else round(step_ms, 2),
         }
     )
-    score = scores[cfg.export.score]
+    score = scores[export_score]
     val = outputs["val"]
-    per = result["scores"][cfg.export.score]
+    per = result["scores"][export_score]
+    if selection:
+        result["score_selection"] = selection
     detector = ClassifierDetector.create(
         name=cfg.name,
         model=model.cpu(),
@@ -243,6 +274,7 @@ def finish(
             "data_seed": cfg.data.seed,
             "seed": cfg.seed,
             "epochs": cfg.train.epochs,
+            "score_selection": selection,
         },
     )
     detector_dir = detector.save(run_dir / "detector")
@@ -255,10 +287,11 @@ def finish(
         plots=cfg.eval.plots,
     )
     print(
-        f"\nID test accuracy {100 * result['id_accuracy']:.2f}% | {cfg.export.score}: "
-        f"near AUROC {100 * per['near']['auroc']:.2f}%, far AUROC {100 * per['far']['auroc']:.2f}%\n"
+        f"\nID test accuracy {100 * result['id_accuracy']:.2f}% | {export_score}: "
+        + ", ".join(f"{g} AUROC {100 * per[g]['auroc']:.2f}%" for g in ("near", "far") if per[g])
+        + "\n"
         f"report:   {report}\n"
-        f"detector: {detector_dir}  (score {cfg.export.score}, threshold {detector.threshold:.4f} at "
+        f"detector: {detector_dir}  (score {export_score}, threshold {detector.threshold:.4f} at "
         f"{100 * cfg.export.target_id_tpr:.0f}% ID TPR on val)"
     )
 

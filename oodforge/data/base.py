@@ -147,6 +147,7 @@ class DataConfig(StrictModel):
         benchmark: A name in ``BENCHMARKS`` (``mnist-open``, ``imagefolder``, ``cifar10``, ``cifar100``).
         root: Data directory for the benchmarks read from disk.
         ood: Extra OOD sets, ``name -> {path, shift}``, each a folder of images.
+        builtin_ood: Keep the benchmark's own OOD sets (``false``: only the ``ood`` folders are test OOD).
         seed: Seed of the splits and of the generated OOD sets.
         val_fraction: Share of ID images used for validation.
         test_fraction: Share of ID images used for testing (where the benchmark has no fixed test set).
@@ -157,6 +158,7 @@ class DataConfig(StrictModel):
     benchmark: str = "mnist-open"
     root: Path | None = None
     ood: dict[str, OODDirConfig] = {}
+    builtin_ood: bool = True
     seed: int = 0
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)

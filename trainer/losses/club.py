@@ -1,8 +1,16 @@
 """CLUB mutual-information upper bound (Cheng et al., ICML 2020) for the OAL contrastive terms.
 
-The variational conditional is ``q(y|x) = N(μ(x), diag e^{ℓ(x)})`` with two 2-layer MLPs; ``ℓ`` ends in a
-``tanh`` so the log-variance stays in (−1, 1). In OAL, ``x`` is the outlier vector (kNN embedding or pooled
-SD latent) and ``y`` the student feature ``h_S``: the public code calls ``CLUB(outliers, feature)``.
+The variational conditional is ``q(y|x) = N(μ(x), diag e^{ℓ(x)})`` with two MLPs from :data:`Q_NETWORKS`;
+``ℓ`` ends in a ``tanh`` so the log-variance stays in (−1, 1). In OAL, ``x`` is the outlier vector (kNN
+embedding or pooled SD latent) and ``y`` the student feature ``h_S``: the public code calls
+``CLUB(outliers, feature)``.
+
+q networks (``hidden`` = the hidden width; the public OAL code passes ``hidden_size=512`` and its MLPs use
+``hidden_size // 2 = 256``):
+
+- ``mlp`` (the public ``CLUB``, used for the kNN pool): ``μ: x → hidden → y``, ``ℓ: x → hidden → y → tanh``;
+- ``deep`` (the public ``DEEP_CLUB``, used for the SD latent pool): ``μ: x → x/2 → x/4 → hidden → y``
+  (ReLU between), ``ℓ: x → hidden → y → tanh``.
 
 Pairing: ``x`` [N, D_x] and ``y`` [N, D_y] are paired row by row (row i of the sampled outlier batch goes
 with row i of the ID batch), so both batches must have the same size N; the trainer draws N outliers per
@@ -14,6 +22,7 @@ minimises :meth:`CLUB.learning_loss` on detached inputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,23 +42,54 @@ def club_estimate(mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor) -> to
     return (negative - positive).mean()
 
 
+def _mlp(widths: list[int]) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return layers
+
+
+def mlp_networks(x_dim: int, y_dim: int, hidden: int) -> tuple[nn.Module, nn.Module]:
+    """``μ: x → hidden → y`` and ``ℓ: x → hidden → y → tanh`` (the public code's ``CLUB``)."""
+    return nn.Sequential(*_mlp([x_dim, hidden, y_dim])), nn.Sequential(
+        *_mlp([x_dim, hidden, y_dim]), nn.Tanh()
+    )
+
+
+def deep_networks(x_dim: int, y_dim: int, hidden: int) -> tuple[nn.Module, nn.Module]:
+    """``μ: x → x/2 → x/4 → hidden → y`` and ``ℓ: x → hidden → y → tanh`` (the public ``DEEP_CLUB``)."""
+    mu = nn.Sequential(*_mlp([x_dim, max(1, x_dim // 2), max(1, x_dim // 4), hidden, y_dim]))
+    return mu, nn.Sequential(*_mlp([x_dim, hidden, y_dim]), nn.Tanh())
+
+
+Q_NETWORKS: dict[str, Callable[[int, int, int], tuple[nn.Module, nn.Module]]] = {
+    "mlp": mlp_networks,
+    "deep": deep_networks,
+}
+"""q-network name -> ``build(x_dim, y_dim, hidden) -> (μ network, ℓ network)``."""
+
+
 class CLUB(nn.Module):
     """CLUB estimator of ``I(x; y)`` with a Gaussian ``q(y|x)``.
 
     Args:
         x_dim: width of the conditioning input x (the outlier vector).
         y_dim: width of y (the student feature ``h_S``).
-        hidden_size: hidden width of both MLPs ``μ`` and ``ℓ``.
+        hidden_size: hidden width of the q networks (256 in the public code).
+        network: a key of :data:`Q_NETWORKS` (``mlp`` or ``deep``).
     """
 
-    def __init__(self, x_dim: int, y_dim: int, hidden_size: int = 128) -> None:
+    def __init__(self, x_dim: int, y_dim: int, hidden_size: int = 256, network: str = "mlp") -> None:
+        """Build q's two networks."""
         super().__init__()
+        if network not in Q_NETWORKS:
+            raise ValueError(f"unknown CLUB q network {network!r}; choose one of: {', '.join(Q_NETWORKS)}")
         self.x_dim = x_dim
         self.y_dim = y_dim
-        self.mu = nn.Sequential(nn.Linear(x_dim, hidden_size), nn.ReLU(), nn.Linear(hidden_size, y_dim))
-        self.logvar = nn.Sequential(
-            nn.Linear(x_dim, hidden_size), nn.ReLU(), nn.Linear(hidden_size, y_dim), nn.Tanh()
-        )
+        self.network = network
+        self.mu, self.logvar = Q_NETWORKS[network](x_dim, y_dim, hidden_size)
 
     def mu_logvar(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(μ(x), ℓ(x))``, both [N, D_y]."""

@@ -71,6 +71,10 @@ class Method(nn.Module):
         """Build the model this method trains (by default the configured backbone and head)."""
         return Plan(model=build_classifier(config.model, len(data.class_names)))
 
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the loop at the start of every epoch (0-based), also when a run resumes."""
+        self.epoch = epoch
+
     def loss(
         self,
         model: Classifier,
