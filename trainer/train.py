@@ -45,7 +45,7 @@ from trainer.loop import (
 from trainer.methods import Method, Plan, build_method
 from trainer.outlier_stream import OutlierStream
 from trainer.report import write_report
-from trainer.selection import holdout_images_dir, load_holdout, select_score
+from trainer.selection import fair_candidates, holdout_images_dir, load_holdout, select_score
 
 
 class TrainStep(nn.Module):
@@ -178,6 +178,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
             str(accelerator.device),
             time.perf_counter() - started,
             1000 * step_seconds / timed_steps if timed_steps else None,
+            plan.head_sees_synth_images,
         )
     accelerator.end_training()
     return run_dir
@@ -202,7 +203,7 @@ def _accuracy(accelerator: Accelerator, model: Classifier, images: ImageSet, cfg
 
 
 def choose_export_score(
-    cfg: TrainConfig, model: Classifier, outputs: dict[str, Any], device: str
+    cfg: TrainConfig, model: Classifier, outputs: dict[str, Any], device: str, head_sees_synth_images: bool
 ) -> tuple[str, dict[str, Any] | None]:
     """``export.score``, or for ``auto`` the candidate chosen on ID val vs held-out synthetic outliers."""
     if cfg.export.score != AUTO_SCORE:
@@ -210,7 +211,8 @@ def choose_export_score(
     path = holdout_images_dir(cfg.export.selection_outliers, cfg.method_args)
     images = load_holdout(path).images("holdout")
     holdout = collect(model, images, cfg.preprocess, cfg.train.eval_batch_size, device, desc="embed held-out")
-    candidates = fit_scores(cfg.export.candidates, cfg.eval.score_params, outputs["train"])
+    names, dropped = fair_candidates(cfg.export.candidates, head_sees_synth_images)
+    candidates = fit_scores(names, cfg.eval.score_params, outputs["train"])
     name, table = select_score(candidates, outputs["val"], holdout, cfg.export.target_id_tpr)
     return name, {
         "chosen": name,
@@ -219,6 +221,9 @@ def choose_export_score(
         "outliers": str(path),
         "n_outliers": len(images),
         "candidates": table,
+        "dropped": {
+            n: "computed through the head, which was trained on the other part of these outliers" for n in dropped
+        },
     }
 
 
@@ -230,12 +235,13 @@ def finish(
     device: str,
     train_seconds: float,
     step_ms: float | None = None,
+    head_sees_synth_images: bool = False,
 ) -> None:
     """Evaluate every configured score, write the report and export the detector."""
     model.eval()
     outputs = collect_benchmark(model, bench, cfg.preprocess, cfg.train.eval_batch_size, device)
-    export_score, selection = choose_export_score(cfg, model, outputs, device)
-    names = list(dict.fromkeys([*cfg.eval.scores, export_score]))
+    export_score, selection = choose_export_score(cfg, model, outputs, device, head_sees_synth_images)
+    names = list(dict.fromkeys([export_score, *cfg.eval.scores]))  # the report's headline: the exported score
     scores = fit_scores(names, cfg.eval.score_params, outputs["train"])
     result, values = evaluate_outputs(outputs, bench, scores, tpr=cfg.export.target_id_tpr)
     result.update(

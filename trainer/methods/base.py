@@ -44,6 +44,9 @@ class Plan:
         outliers: Named outlier datasets; the loop draws one batch of each per step.
         outlier_batch_size: Rows per outlier batch (the ID batch size when ``None``).
         find_unused_parameters: Some parameters get no gradient on some steps (DDP must know).
+        head_sees_synth_images: A loss term trains the logits on the synth dataset's pixel outliers, so
+            the held-out part of those outliers is no fair judge of scores computed through the head
+            (energy, MSP, ...): ``export.score: auto`` then chooses among feature-space scores only.
     """
 
     model: Classifier
@@ -51,6 +54,7 @@ class Plan:
     outliers: dict[str, Dataset] = field(default_factory=dict)
     outlier_batch_size: int | None = None
     find_unused_parameters: bool = False
+    head_sees_synth_images: bool = False
 
 
 class Method(nn.Module):

@@ -235,6 +235,7 @@ class OutlierAwareLearning(Method):
             if g["params"]
         ]
         plan.outliers = sets
+        plan.head_sees_synth_images = bool(args.pixel_term)
         # CLUB pairs outlier row i with ID row i; class pairing picks from a 4x larger random batch
         plan.outlier_batch_size = config.train.batch_size * (4 if args.club_pairing == "class" else 1)
         if args.pixel_term and args.club_pairing == "class":

@@ -43,6 +43,7 @@ class PixelOutlierMethod(Method):
         plan = super().setup(config, data)
         plan.outliers = {"pixel": pixel_set(load_outliers(args.outliers), config)}
         plan.outlier_batch_size = args.outlier_batch_size
+        plan.head_sees_synth_images = True
         return plan
 
     def loss(
