@@ -9,6 +9,7 @@ image embeddings to and that the kNN boundary sampler rescales its outliers to.
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -16,8 +17,15 @@ from torch import nn
 
 
 def placeholder_token(class_name: str) -> str:
-    """``"golden retriever"`` -> ``"<ood-golden_retriever>"``."""
-    slug = re.sub(r"[^0-9a-zA-Z]+", "_", class_name.strip()).strip("_").lower() or "class"
+    """``"golden retriever"`` -> ``"<ood-golden_retriever>"``; ``"Café"`` -> ``"<ood-cafe>"``.
+
+    Accents are folded to ASCII (NFKD); a name with no ASCII letter or digit left (``"猫"``) is spelled by
+    its code points (``"<ood-u732b>"``), so distinct names get distinct tokens.
+    """
+    folded = unicodedata.normalize("NFKD", class_name.strip()).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^0-9a-zA-Z]+", "_", folded).strip("_").lower()
+    if not slug:
+        slug = "_".join(f"u{ord(c):x}" for c in class_name.strip()) or "class"
     return f"<ood-{slug}>"
 
 

@@ -10,6 +10,7 @@ checkpoint.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,17 +41,32 @@ class TinySDConfig(StrictModel):
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
 
 
-def bpe_vocab(words: list[str]) -> tuple[dict[str, int], list[str]]:
-    """A CLIP-style BPE vocabulary in which every word of ``words`` is one token.
+def words_of(text: str) -> list[str]:
+    """The pieces CLIP's tokenizer splits ``text`` into before BPE: runs of letters, single digits,
+    runs of other symbols (lower-cased; whitespace dropped)."""
+    return re.findall(r"[^\W\d_]+|\d|[^\w\s]+|_+", text.lower())
 
-    Each word is merged left to right (``i m`` -> ``im``, ``im a`` -> ``ima`` …) so the BPE
-    tokenizer reproduces it whole; single characters stay in the vocabulary for anything else.
+
+def bpe_vocab(words: list[str]) -> tuple[dict[str, int], list[str]]:
+    """A CLIP-style byte-level BPE vocabulary in which every word piece of ``words`` is one token.
+
+    Texts are split like CLIP's tokenizer does (:func:`words_of`: ``"golden retriever"`` is two words,
+    ``"class 12"`` is ``class``, ``1``, ``2``) and written in CLIP's byte alphabet (every UTF-8 byte is one
+    symbol, so ``café`` and ``猫`` work). Each piece is merged left to right (``i m`` -> ``im``, ``im a`` ->
+    ``ima`` …) so the tokenizer reproduces it whole; all 256 byte symbols stay in the vocabulary, so any
+    other text still tokenizes.
     """
-    chars = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789-"))
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = bytes_to_unicode()
+    symbols_of = lambda piece: [alphabet[b] for b in piece.encode("utf-8")]  # noqa: E731
+    chars = list(dict.fromkeys(alphabet.values()))
     vocab_list = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
     merges: list[str] = []
-    for word in dict.fromkeys(w.lower() for w in words):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    pieces = dict.fromkeys(p for w in words for p in words_of(w))
+    for piece in pieces:
+        symbols = symbols_of(piece)
+        symbols[-1] += "</w>"
         current = symbols[0]
         for sym in symbols[1:]:
             merges.append(f"{current} {sym}")

@@ -116,6 +116,18 @@ def knn_pool(
         rng = np.random.default_rng([cfg.seed, c])
         out = boundary_sample(_normalise(z[y == c]), cfg.counts.knn_per_class, cfg.sampler, rng)
         verdict = filter_near(out.samples, bank, cfg.filter.k, tau)
+        if not verdict.keep.any():  # a weak teacher or a tiny class: keep the farthest rather than none
+            farthest = np.argsort(-verdict.distance, kind="stable")[: max(1, len(verdict.keep) // 10)]
+            verdict.keep[farthest] = True
+            for i in farthest:
+                verdict.reason[i] = "kept: farthest 10% of a class whose every sample was ID-near"
+            log.warning(
+                "class %d: every boundary sample was ID-near (filter quantile %.2f); kept the farthest %d. A "
+                "better teacher, a lower filter.quantile or a larger sampler.sigma gives real boundary outliers",
+                c,
+                cfg.filter.quantile,
+                len(farthest),
+            )
         vectors = torch.from_numpy(rescale(out.samples, float(anchors[c].norm())))
         ids = [f"knn-{c:03d}-{i:05d}" for i in range(len(vectors))]
         records = [
@@ -129,10 +141,6 @@ def knn_pool(
         if not all(i in done for i in ids):
             writer.add_latents(
                 "knn", [i for i, k in zip(ids, verdict.keep, strict=True) if k], vectors[keep], records
-            )
-        if len(kept[c]) == 0:
-            raise ValueError(
-                f"class {c}: every boundary sample was rejected as ID-near; lower filter.quantile or raise sampler.sigma"
             )
     return kept
 

@@ -292,8 +292,11 @@ def test_outlier_stream_cycles_and_resumes_at_a_step() -> None:
     resumed = OutlierStream(accelerator, data, 4, "x")
     resumed.start(3)
     assert draws(resumed, 4) == first[3:]
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        OutlierStream(accelerator, data, 11, "tiny")
+    small = OutlierStream(accelerator, data, 25, "tiny")  # 10 rows, batch 25: the set is repeated
+    batch = small.next()
+    assert len(batch) == 25 and set(batch.tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="is empty"):
+        OutlierStream(accelerator, TensorDataset(torch.zeros(0)), 4, "none")
 
 
 def test_unknown_method_args_are_named() -> None:

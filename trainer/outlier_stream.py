@@ -10,11 +10,12 @@ batches an uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 
 class OutlierStream:
@@ -29,11 +30,18 @@ class OutlierStream:
 
     def __init__(self, accelerator: Accelerator, dataset: Dataset, batch_size: int, name: str) -> None:
         size = len(dataset)  # type: ignore[arg-type]
-        if size < batch_size * accelerator.num_processes:
+        if size == 0:
             raise ValueError(
-                f"outlier set {name!r} has {size} items, fewer than one batch of {batch_size} per process "
-                f"({accelerator.num_processes} processes); generate more outliers or lower the outlier batch size"
+                f"outlier set {name!r} is empty; generate outliers or turn off the term that uses it"
             )
+        needed = batch_size * accelerator.num_processes
+        if size < needed:  # repeat a small set so that one batch per process can be drawn
+            copies = math.ceil(needed / size)
+            accelerator.print(
+                f"outlier set {name!r} has {size} items, fewer than one batch of {batch_size} per process: "
+                f"each epoch repeats it {copies} times (generate more outliers for more variety)"
+            )
+            dataset = ConcatDataset([dataset] * copies)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
         self.accelerator = accelerator
         self.loader = accelerator.prepare(loader)

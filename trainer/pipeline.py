@@ -257,6 +257,7 @@ class Stage:
     command: list[str] | None = None
     run: Callable[[], None] | None = None
     about: str = ""
+    before: Callable[[], None] | None = None
 
 
 def published_generator(benchmark: str) -> Path | None:
@@ -336,7 +337,10 @@ def build_stages(
             ],
         ),
         Stage(
-            "oal", lambda: (out / "oal" / "detector" / "detector.json").is_file(), [*train, str(paths["oal"])]
+            "oal",
+            lambda: (out / "oal" / "detector" / "detector.json").is_file(),
+            [*train, str(paths["oal"])],
+            before=lambda: fit_oal_to_outliers(out, paths["oal"], profile),
         ),
         Stage("report", lambda: (out / "report.md").is_file(), run=lambda: write_report(out, profile)),
     ]
@@ -347,6 +351,8 @@ def run_stage(stage: Stage, out: Path) -> float:
     """Run one stage (its output streams to this terminal); returns its wall time in seconds."""
     started = time.perf_counter()
     print(f"\n=== pipeline: {stage.name}" + (f" ({stage.about})" if stage.about else ""), flush=True)
+    if stage.before is not None:
+        stage.before()
     if stage.run is not None:
         stage.run()
     else:
@@ -361,6 +367,39 @@ def run_stage(stage: Stage, out: Path) -> float:
     if not stage.done():
         raise PipelineError(f"stage {stage.name} ended without its output; see its log above")
     return time.perf_counter() - started
+
+
+MIN_HOLDOUT = 10  # held-out synthetic outliers that score selection needs
+
+
+def fit_oal_to_outliers(out: Path, config: Path, profile: DataProfile) -> None:
+    """Turn off what the synthesised outliers cannot feed (too few kept images), saying so."""
+    from oodforge.outliers import OutlierDataset
+
+    ds = OutlierDataset.load(out / "outliers")
+    cfg = read_yaml(config)
+    n_train = len(ds._image_paths("train"))
+    n_held = len(ds._image_paths("holdout"))
+    changes = []
+    batch = int(cfg.get("train", {}).get("batch_size", 128))
+    if cfg["method_args"].get("pixel_term") and n_train < batch:
+        cfg["method_args"]["pixel_term"] = None
+        changes.append(
+            f"pixel_term off: only {n_train} kept pixel outliers for training (a batch is {batch})"
+        )
+    if cfg.get("export", {}).get("score") == "auto" and n_held < MIN_HOLDOUT:
+        cfg["export"]["score"] = "knn"
+        changes.append(
+            f"export.score knn instead of auto: only {n_held} held-out pixel outliers to choose on"
+        )
+    if changes:
+        for change in changes:
+            note = f"{change}; generate more (OUT/configs/outliers.yaml counts.pixel, max_candidates_factor)"
+            print(f"pipeline: note: {note}")
+            profile.notes.append(note)
+        config.write_text(
+            f"# adjusted by python -m trainer.pipeline to the outliers it got\n{yaml.safe_dump(cfg, sort_keys=False)}"
+        )
 
 
 # --------------------------------------------------------------------------- report
