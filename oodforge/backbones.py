@@ -11,11 +11,15 @@ and the logits. The ``HEADS`` registry says what replaces it:
 - ``cosine``: a text-aligned head (DESIGN.md §5): a projection ``z = P(h)`` to the width D of fixed class
   anchors T(y) [K, D] and ``f_j = cos(z, T(y_j)) / τ``; the features are the embedding ``z``. The anchors
   are a buffer, so they travel in the weights file.
+
+:func:`final_layer` gives the linear head's ``(W, b)`` to the scores that work in feature space (ReAct,
+ViM, ...), with a clear error for the other heads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -272,6 +276,61 @@ def build_classifier(
     ``anchors`` (class anchors T(y) [num_classes, D]) are required by, and only by, the cosine head.
     """
     return Classifier(BACKBONES.get(cfg.name)(cfg, num_classes), num_classes, cfg.head, anchors)
+
+
+@dataclass(frozen=True)
+class FinalLayer:
+    """A classifier's final linear layer ``f = W h + b``, the one every feature-space score reads.
+
+    ``h`` is the penultimate feature that :meth:`Classifier.forward` returns as its second output
+    (with the linear head the neck is the identity, so the features *are* ``h``).
+
+    Attributes:
+        weight: ``[K, D]`` W (a detached float32 CPU copy).
+        bias: ``[K]`` b (zeros when the layer has no bias).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        """K, the number of logits."""
+        return self.weight.shape[0]
+
+    @property
+    def feature_dim(self) -> int:
+        """D, the width of the penultimate features h."""
+        return self.weight.shape[1]
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``W h + b`` [N, K] of features ``h`` [N, D]."""
+        return features @ self.weight.T.to(features) + self.bias.to(features)
+
+
+def final_layer(model: Classifier, needed_by: str | None = None) -> FinalLayer:
+    """The final linear layer (W, b) of ``model``, whose input is the features ``model`` returns.
+
+    Args:
+        model: A :class:`Classifier`.
+        needed_by: Name of the score asking, for the error message.
+
+    Raises:
+        ValueError: the head is not ``W h + b`` on the features (a ``cosine`` or ``isomax_plus`` head);
+            the message names the head and the scores that work without a linear layer.
+    """
+    head = model.head
+    if not isinstance(head, nn.Linear) or not isinstance(model.neck, nn.Identity):
+        name = model.head_config.name
+        who = f"score {needed_by!r}" if needed_by else "this score"
+        raise ValueError(
+            f"{who} needs a linear final layer (W h + b), but this classifier has a {name} head "
+            f"(model.head.name={name}); use a logit score (msp, energy, ...) or a feature score "
+            "(knn, mahalanobis)"
+        )
+    weight = head.weight.detach().float().cpu().clone()
+    bias = head.bias.detach().float().cpu().clone() if head.bias is not None else torch.zeros(len(weight))
+    return FinalLayer(weight=weight, bias=bias)
 
 
 def config_to_dict(config: PretrainedConfig) -> dict[str, Any]:

@@ -1,11 +1,19 @@
-"""OOD detection metrics (DESIGN.md §5): ID is the POSITIVE class and higher scores mean more ID.
+"""OOD detection metrics (DESIGN.md §5), higher scores mean more ID, in two conventions from the same arrays.
 
-Pure numpy, floats out. AUROC and average precision are computed here (rank-based / step-wise) and
-match ``sklearn.metrics.roc_auc_score`` and ``average_precision_score`` exactly, ties included.
+- **ours** (ID positive, step-wise AP): FPR@95 is the share of OOD samples accepted at the threshold that
+  accepts 95% of ID; AUPR-in/out are average precision (step-wise), as ``sklearn.metrics
+  .average_precision_score``. AUROC is rank-based (ties count ½).
+- **OpenOOD** (OOD positive, trapezoid AUPR), as OpenOOD v1.5 reports it: the scores are negated and OOD
+  is the positive class, so FPR@95 is the share of ID samples flagged as OOD at the threshold that
+  detects 95% of OOD; AUPR-in/out are the trapezoidal areas under ``sklearn.metrics
+  .precision_recall_curve`` (ID resp. OOD positive). AUROC is the same number in both.
+
+Pure numpy, floats out; nothing here calls scikit-learn (the tests compare against it).
 
 Example:
     >>> ood_metrics(id_scores, ood_scores)
-    {'auroc': 0.97, 'fpr95': 0.12, 'aupr_in': 0.98, 'aupr_out': 0.95}
+    {'auroc': 0.97, 'fpr95': 0.12, 'aupr_in': 0.98, 'aupr_out': 0.95,
+     'openood': {'auroc': 0.97, 'fpr95': 0.15, 'aupr_in': 0.98, 'aupr_out': 0.95}}
 """
 
 from __future__ import annotations
@@ -19,6 +27,14 @@ FPR95_DEFINITION = (
     "FPR@95: fraction of OOD samples accepted as in-distribution at the threshold that accepts 95% of "
     "ID samples (ID = positive class)."
 )
+OPENOOD_FPR95_DEFINITION = (
+    "OpenOOD FPR@95: fraction of ID samples flagged as OOD at the threshold that detects 95% of OOD "
+    "samples (OOD = positive class, scores negated); OpenOOD AUPR-in/out: trapezoidal area under the "
+    "precision-recall curve with ID/OOD positive."
+)
+OURS_LABEL = "ours: ID positive, step-wise AP"
+OPENOOD_LABEL = "OpenOOD: OOD positive, trapezoid AUPR"
+OPENOOD = "openood"  # the key of the OpenOOD block in ood_metrics / summarize
 METRIC_KEYS = ("auroc", "fpr95", "aupr_in", "aupr_out")
 SHIFTS = ("near", "far")
 
@@ -133,42 +149,99 @@ def accuracy(logits_or_preds: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(preds == labels))
 
 
-def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95) -> dict[str, float]:
-    """``{"auroc", "fpr95", "aupr_in", "aupr_out"}`` for one OOD set (``fpr95`` is FPR at ``tpr``)."""
+def trapezoid_aupr(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
+    """Trapezoidal area under the precision-recall curve, as ``auc(*precision_recall_curve(...)[1::-1])``.
+
+    The curve has one point per distinct score threshold t (``score ≥ t`` predicted positive), with
+    precision ``TP/(TP+FP)`` and recall ``TP/P``, plus the point (recall 0, precision 1); the area is
+    ``Σ_n (R_n − R_{n−1}) · (P_n + P_{n−1}) / 2`` over the points in increasing recall. Points past full
+    recall add no area, so it does not matter whether the curve stops there.
+    """
+    pos, neg = _as_scores("positive scores", pos_scores), _as_scores("negative scores", neg_scores)
+    scores = np.concatenate([pos, neg])
+    is_pos = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    order = np.argsort(-scores, kind="mergesort")
+    scores, is_pos = scores[order], is_pos[order]
+    last_of_run = np.r_[scores[1:] != scores[:-1], True]
+    tps = np.cumsum(is_pos)[last_of_run]
+    predicted = np.flatnonzero(last_of_run) + 1.0
+    precision = np.r_[1.0, tps / predicted]
+    recall = np.r_[0.0, tps / len(pos)]
+    return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2.0))
+
+
+def openood_fpr_at_tpr(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """OpenOOD's FPR@95: the share of ID samples flagged as OOD at the threshold detecting ``tpr`` of OOD.
+
+    OOD is the positive class and the scores are negated: ``t = threshold_at_tpr(−ood, tpr)`` is the
+    largest threshold with ``fraction(−ood ≥ t) ≥ tpr`` (the first point of the full ROC curve whose TPR
+    reaches ``tpr``), and the result is ``fraction(−id ≥ t)``.
+    """
+    id_s, ood_s = _as_scores("id_scores", id_scores), _as_scores("ood_scores", ood_scores)
+    return float(np.mean(-id_s >= threshold_at_tpr(-ood_s, tpr)))
+
+
+def openood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95) -> dict[str, float]:
+    """``{"auroc", "fpr95", "aupr_in", "aupr_out"}`` in OpenOOD's convention (module docstring)."""
+    id_s, ood_s = _as_scores("id_scores", id_scores), _as_scores("ood_scores", ood_scores)
+    return {
+        "auroc": auroc(-ood_s, -id_s),
+        "fpr95": openood_fpr_at_tpr(id_s, ood_s, tpr),
+        "aupr_in": trapezoid_aupr(id_s, ood_s),
+        "aupr_out": trapezoid_aupr(-ood_s, -id_s),
+    }
+
+
+def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95) -> dict[str, Any]:
+    """Ours ``{"auroc", "fpr95", "aupr_in", "aupr_out"}`` and the same four in OpenOOD's convention under
+    ``"openood"``, for one OOD set (``fpr95`` is the FPR at ``tpr``)."""
     id_scores, ood_scores = _as_scores("id_scores", id_scores), _as_scores("ood_scores", ood_scores)
     return {
         "auroc": auroc(id_scores, ood_scores),
         "fpr95": fpr_at_tpr(id_scores, ood_scores, tpr),
         "aupr_in": aupr_in(id_scores, ood_scores),
         "aupr_out": aupr_out(id_scores, ood_scores),
+        OPENOOD: openood_metrics(id_scores, ood_scores, tpr),
     }
 
 
 def summarize(
     id_scores: np.ndarray, ood: dict[str, tuple[np.ndarray, str]], tpr: float = 0.95
 ) -> dict[str, dict[str, Any]]:
-    """Metrics per OOD set plus their unweighted means over the near and the far sets.
+    """Metrics per OOD set plus their unweighted means over the near and the far sets, in both conventions.
 
     Args:
         id_scores: ``[N]`` scores of the ID test set.
         ood: ``{set name: (scores, shift)}`` with shift ``"near"`` or ``"far"``.
-        tpr: ID acceptance rate for ``fpr95``.
+        tpr: ID (ours) / OOD (OpenOOD) detection rate of ``fpr95``.
 
     Returns:
         ``{"ood": {name: {auroc, fpr95, aupr_in, aupr_out, "shift"}}, "near": {mean of the four},
-        "far": {...}}``; a group without sets is ``{}``.
+        "far": {...}, "openood": {"ood": {name: {the four}}, "near": {...}, "far": {...}}}``: ours at
+        the top level, OpenOOD's in the ``"openood"`` block of the same layout; a group without sets
+        is ``{}``.
     """
     id_scores = _as_scores("id_scores", id_scores)
     per_set: dict[str, dict[str, Any]] = {}
+    openood: dict[str, dict[str, Any]] = {}
     for name, (scores, shift) in ood.items():
         if shift not in SHIFTS:
             raise ValueError(f"OOD set {name!r} has shift {shift!r}; it must be one of {', '.join(SHIFTS)}")
         try:
-            per_set[name] = {**ood_metrics(id_scores, scores, tpr), "shift": shift}
+            metrics = ood_metrics(id_scores, scores, tpr)
         except ValueError as err:
             raise ValueError(f"OOD set {name!r}: {err}") from None
+        openood[name] = metrics.pop(OPENOOD)
+        per_set[name] = {**metrics, "shift": shift}
     out: dict[str, dict[str, Any]] = {"ood": per_set}
+    block: dict[str, dict[str, Any]] = {"ood": openood}
     for shift in SHIFTS:
-        group = [m for m in per_set.values() if m["shift"] == shift]
-        out[shift] = {key: float(np.mean([m[key] for m in group])) for key in METRIC_KEYS} if group else {}
+        group = [n for n, m in per_set.items() if m["shift"] == shift]
+        out[shift] = _mean([per_set[n] for n in group])
+        block[shift] = _mean([openood[n] for n in group])
+    out[OPENOOD] = block
     return out
+
+
+def _mean(group: list[dict[str, Any]]) -> dict[str, float]:
+    return {key: float(np.mean([m[key] for m in group])) for key in METRIC_KEYS} if group else {}

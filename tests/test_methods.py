@@ -78,9 +78,12 @@ def test_oal_one_epoch_run_logs_every_term_and_exports(tmp_path: Path, ood_asset
     total = logged(run_dir, "train/loss")
     assert sum(total[-5:]) < sum(total[:5])  # the student learns: distillation from the teacher dominates
     detector = Detector.load(run_dir / "detector")
-    assert detector.spec.score.name == "energy" and detector.spec.provenance.training["method"] == "oal"
     report = json.loads((run_dir / "report.json").read_text())
-    assert set(report["scores"]) == {"energy", "msp", "knn"}
+    chosen = report["score_selection"]["chosen"]
+    assert detector.spec.score.name == chosen and detector.spec.provenance.training["method"] == "oal"
+    # the head trained on the synth images, so the choice is among scores that do not go through it
+    assert chosen in ("knn", "mahalanobis") and set(report["score_selection"]["dropped"]) >= {"energy", "msp"}
+    assert {"energy", "msp", "knn"} <= set(report["scores"])
 
 
 @pytest.mark.parametrize("mode", ["joint", "alternate"])
@@ -180,7 +183,11 @@ def test_oal_missing_inputs_say_what_to_run(
         ("isomax_plus.yaml", [], "isomax", "max_logit"),
         (
             "oal.yaml",
-            ["method_args.pixel_term=energy_head", "method_args.club_q_training=alternate"],
+            [
+                "method_args.pixel_term=energy_head",
+                "method_args.club_q_training=alternate",
+                "export.score=energy",
+            ],
             "energy_head",
             "energy",
         ),

@@ -13,6 +13,7 @@ from oodforge.scores import (
     SCORES,
     Score,
     build_score,
+    default_scores,
     energy,
     entropy,
     max_logit,
@@ -193,17 +194,29 @@ def test_mahalanobis_survives_a_singular_covariance() -> None:
 # --------------------------------------------------------------------------- interface
 
 
+FITTED = {"knn", "mahalanobis", "rmds", "klm", "she", "nnguide", "react", "ash_p", "ash_b", "ash_s", "scale"}
+FITTED |= {"dice", "vim", "fdbd"}
+LAYER = {"react", "ash_p", "ash_b", "ash_s", "scale", "dice", "vim", "fdbd", "gradnorm"}
+
+
 def test_registry_lists_all_scores_and_names_match() -> None:
-    assert SCORES.names() == sorted(["msp", "max_logit", "energy", "entropy", "knn", "mahalanobis"])
+    logit = ["msp", "max_logit", "energy", "entropy", "gen", "klm"]
+    feature = ["knn", "mahalanobis", "rmds", "she", "nnguide"]
+    layer = ["react", "ash_p", "ash_b", "ash_s", "scale", "dice", "vim", "fdbd", "gradnorm"]
+    assert SCORES.names() == sorted([*logit, *feature, *layer, "odin"])
     for name in SCORES:
         cls = SCORES.get(name)
         assert issubclass(cls, Score) and cls.name == name
-        assert cls.needs_fit == (name in {"knn", "mahalanobis"})
+        assert cls.needs_fit == (name in FITTED), name
+        assert cls.needs_layer == (name in LAYER), name
+        assert cls.needs_grad == (name == "odin"), name
+        assert cls.depends_on_head == (name not in {"knn", "mahalanobis", "rmds"}), name
+    assert default_scores() == ["msp", "max_logit", "energy", "entropy", "knn", "mahalanobis"]
 
 
 def test_build_score_errors() -> None:
-    with pytest.raises(KeyError, match="choose one of: energy, entropy, knn"):
-        build_score("odin")
+    with pytest.raises(KeyError, match="choose one of: ash_b, ash_p, ash_s, dice, energy"):
+        build_score("openmax")
     with pytest.raises(TypeError, match="no parameter.*'kk'.*parameters are: k"):
         build_score("knn", kk=5)
     with pytest.raises(TypeError, match="takes no parameters"):

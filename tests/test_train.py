@@ -50,7 +50,7 @@ def ce_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_ce_run_writes_report_and_detector(ce_run: Path) -> None:
     report = json.loads((ce_run / "report.json").read_text())
     sets = {"digits-6-9", "faces", "textures", "photos", "noise"}
-    assert set(report["ood"]) == sets and report["score"] == "msp"
+    assert set(report["ood"]) == sets and report["score"] == "energy"  # the exported score heads the report
     assert set(report["scores"]) == {"msp", "max_logit", "energy", "entropy", "knn", "mahalanobis"}
     assert report["ood"]["digits-6-9"]["shift"] == "near" and report["far"] and report["near"]
     assert 0.5 < report["id_accuracy"] <= 1.0  # one epoch of a tiny net already learns digits

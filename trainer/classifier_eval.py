@@ -1,9 +1,11 @@
 """Evaluation of classifier detectors: network outputs collected once, every score computed from them.
 
 Each split is run through the network once; every score is computed from the cached logits and
-features. Scores that need fitting (knn, mahalanobis, ...) are fitted on the benchmark's ID train
-split, except the detector's own score, which keeps the statistics stored in the artifact. Used by
-the training script (the report at the end of a run) and by ``python -m trainer.evaluate``.
+features. Scores that need fitting (knn, mahalanobis, vim, ...) are fitted on the benchmark's ID train
+split — those that need the final linear layer get ``final_layer(model)`` — except the detector's own
+score, which keeps the statistics stored in the artifact. Scores that need input gradients (odin) run
+in a separate pass over the same images. ``all`` stands for every registered score the model can
+serve. Used by the training script (the report at the end of a run) and by ``python -m trainer.evaluate``.
 """
 
 from __future__ import annotations
@@ -11,30 +13,47 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
-from oodforge.backbones import Classifier
+from oodforge.backbones import Classifier, final_layer
 from oodforge.data import BENCHMARKS, Benchmark, DataConfig, ImageSet, load_benchmark
 from oodforge.data.transforms import Preprocess, TransformedSet
 from oodforge.detector import ClassifierDetector
-from oodforge.metrics import FPR95_DEFINITION, accuracy, summarize
+from oodforge.metrics import FPR95_DEFINITION, OPENOOD_FPR95_DEFINITION, accuracy, summarize
 from oodforge.progress import progress
-from oodforge.scores import SCORES, Score, build_score
-from trainer.report import write_report
+from oodforge.scores import ALL, SCORES, Score, build_score, check_score_params
+from trainer.report import summary_markdown, write_report
+
+
+@dataclass
+class Source:
+    """How a set of outputs was made, so that a gradient score can run the same images again."""
+
+    model: Classifier
+    images: ImageSet
+    preprocess: Preprocess
+    batch_size: int = 512
+    device: str | torch.device = "cpu"
+
+    def batches(self, desc: str) -> Any:
+        loader = DataLoader(TransformedSet(self.images, self.preprocess), batch_size=self.batch_size)
+        return progress(loader, desc=desc, leave=False)
 
 
 @dataclass
 class Outputs:
-    """Network outputs on one image set."""
+    """Network outputs on one image set (and, when collected here, where they came from)."""
 
     logits: torch.Tensor
     features: torch.Tensor
     labels: torch.Tensor
+    source: Source | None = field(default=None, repr=False)
 
 
 @torch.no_grad()
@@ -48,14 +67,14 @@ def collect(
 ) -> Outputs:
     """Run ``model`` over ``images`` (no augmentation) and keep logits, features and labels."""
     model.eval()
-    loader = DataLoader(TransformedSet(images, preprocess), batch_size=batch_size, shuffle=False)
+    source = Source(model, images, preprocess, batch_size, device)
     logits, features, labels = [], [], []
-    for x, y in progress(loader, desc=desc or images.name, leave=False):
+    for x, y in source.batches(desc or images.name):
         lo, fe = model(x.to(device))
         logits.append(lo.float().cpu())
         features.append(fe.float().cpu())
         labels.append(torch.as_tensor(y))
-    return Outputs(torch.cat(logits), torch.cat(features), torch.cat(labels))
+    return Outputs(torch.cat(logits), torch.cat(features), torch.cat(labels), source)
 
 
 def collect_benchmark(
@@ -70,69 +89,201 @@ def collect_benchmark(
     }
 
 
+# --------------------------------------------------------------------------- which scores
+
+
+def unmet_need(name: str, model: Classifier | None) -> str | None:
+    """Why ``model`` cannot serve score ``name`` (``None`` when it can)."""
+    if not SCORES.get(name).needs_layer:
+        return None
+    if model is None:
+        return f"score {name!r} needs the model's final linear layer, and no model was given"
+    try:
+        final_layer(model, needed_by=name)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def expand_scores(names: list[str], model: Classifier | None) -> tuple[list[str], dict[str, str]]:
+    """``names`` with ``all`` replaced by every registered score ``model`` can serve, without repeats.
+
+    Returns:
+        ``(names, skipped)``: ``skipped`` maps each score ``all`` left out to the reason. A score named
+        explicitly is kept even when the model cannot serve it (fitting it gives the error).
+    """
+    out: list[str] = []
+    skipped: dict[str, str] = {}
+    for name in names:
+        if name != ALL:
+            SCORES.get(name)  # KeyError listing the registered scores
+            out.append(name)
+            continue
+        for candidate in SCORES:
+            reason = unmet_need(candidate, model)
+            if reason is None:
+                out.append(candidate)
+            else:
+                skipped[candidate] = reason
+    kept = list(dict.fromkeys(out))
+    return kept, {n: r for n, r in skipped.items() if n not in kept}
+
+
 def fit_scores(
     names: list[str],
     params: dict[str, dict[str, Any]],
     train: Outputs,
     fitted: dict[str, Score] | None = None,
 ) -> dict[str, Score]:
-    """Build each named score; fit those that need ID train statistics (unless already ``fitted``)."""
+    """Build each named score (``all`` expanded); fit those that need ID train statistics or the final
+    layer (unless already ``fitted``). The layer comes from the model that produced ``train``."""
+    model = train.source.model if train.source else None
+    names, skipped = expand_scores(names, model)
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}", file=sys.stderr)
     out: dict[str, Score] = {}
     for name in names:
         if fitted and name in fitted:
             out[name] = fitted[name]
             continue
         score = build_score(name, **params.get(name, {}))
-        out[name] = score.fit(train.features, train.labels) if score.needs_fit else score
+        if score.needs_fit or score.needs_layer:
+            layer = None
+            if score.needs_layer:
+                reason = unmet_need(name, model)
+                if reason:
+                    raise ValueError(reason)
+                layer = final_layer(model, needed_by=name)
+            score.fit(train.features, train.labels, logits=train.logits, layer=layer)
+        out[name] = score
     return out
+
+
+# --------------------------------------------------------------------------- scoring and metrics
+
+
+def gradient_pass(score: Score, outputs: Outputs, desc: str) -> np.ndarray:
+    """Scores of a ``needs_grad`` score, from a new pass over the images that made ``outputs``."""
+    source = outputs.source
+    if source is None:
+        raise ValueError(
+            f"score {score.name!r} needs input gradients, so it needs the images, not cached outputs; "
+            "collect the outputs with trainer.classifier_eval.collect"
+        )
+    source.model.eval()
+    parts = [
+        score.score_pixels(source.model, x.to(source.device), input_std=source.preprocess.std)
+        for x, _ in source.batches(desc)
+    ]
+    return torch.cat(parts).detach().cpu().numpy().astype(np.float64)
+
+
+def score_values(name: str, score: Score, outputs: Outputs) -> np.ndarray:
+    """``[N]`` float64 values of ``score`` on one set (a gradient pass for ``needs_grad`` scores)."""
+    if score.needs_grad:
+        return gradient_pass(score, outputs, desc=f"{name} (gradient pass)")
+    return score(outputs.logits, outputs.features).numpy().astype(np.float64)
 
 
 def evaluate_outputs(
     outputs: dict[str, Outputs], bench: Benchmark, scores: dict[str, Score], tpr: float = 0.95
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-    """Metrics for every score and OOD set, plus the raw score values (for plots).
+    """Metrics for every score and OOD set (both conventions), plus the raw score values (for plots).
+
+    Scores with ``needs_grad`` run in their own gradient pass over the images (a line says so).
 
     Returns:
         ``(result, values)``: ``result`` has the first score's metrics at the top level
-        (``id_accuracy``, ``score``, ``ood``, ``near``, ``far``) and every score under ``scores``;
-        ``values[score][set]`` are the score arrays, with ID test under the key ``"id"``.
+        (``id_accuracy``, ``score``, ``ood``, ``near``, ``far``, ``openood``) and every score under
+        ``scores``; ``gradient_pass`` lists the scores that needed one; ``values[score][set]`` are the
+        score arrays, with ID test under the key ``"id"``.
     """
     test = outputs["test"]
     result: dict[str, Any] = {
         "id_accuracy": accuracy(test.logits.numpy(), test.labels.numpy()),
         "id_split": "test",
         "fpr95_definition": FPR95_DEFINITION,
+        "openood_definition": OPENOOD_FPR95_DEFINITION,
         "n_id": len(test.labels),
         "n_ood": {name: len(outputs[name].labels) for name in bench.ood},
     }
     per_score: dict[str, Any] = {}
     values: dict[str, dict[str, np.ndarray]] = {}
     for name, score in scores.items():
-        vals = {"id": score(test.logits, test.features).numpy().astype(np.float64)}
-        for ood_name in bench.ood:
-            out = outputs[ood_name]
-            vals[ood_name] = score(out.logits, out.features).numpy().astype(np.float64)
+        vals = {"id": score_values(name, score, test)}
+        vals.update({ood_name: score_values(name, score, outputs[ood_name]) for ood_name in bench.ood})
         ood = {n: (vals[n], bench.ood[n].shift) for n in bench.ood}
         per_score[name] = summarize(vals["id"], ood, tpr=tpr)
         values[name] = vals
+    gradient = [name for name, score in scores.items() if score.needs_grad]
+    for name in gradient:
+        print(f"{name} ran in its own gradient pass (input perturbation needs a backward pass per batch)")
     first = next(iter(scores))
-    result.update({"score": first, **per_score[first], "scores": per_score})
+    result.update({"score": first, **per_score[first], "scores": per_score, "gradient_pass": gradient})
     return result, values
 
 
+# --------------------------------------------------------------------------- the command line
+
+
 def parse_scores(text: str | None) -> list[str] | None:
-    """Comma-separated score names, each checked against the registry (``KeyError`` lists the valid ones)."""
+    """Comma-separated score names or ``all``, each checked (``KeyError`` lists the valid ones)."""
     if not text:
         return None
     names = [s.strip() for s in text.split(",") if s.strip()]
     for n in names:
-        SCORES.get(n)
+        if n != ALL:
+            SCORES.get(n)
     return names
+
+
+def parse_score_params(text: str | None) -> dict[str, dict[str, Any]]:
+    """``react.percentile=90,vim.dim=64`` -> ``{"react": {"percentile": 90}, "vim": {"dim": 64}}``.
+
+    Values are YAML scalars (``90`` int, ``0.5`` float, ``null`` None, ``true`` bool).
+
+    Raises:
+        KeyError: an unknown score (the message lists the registered ones).
+        ValueError: a malformed item, or a parameter the score does not take (listing the ones it does).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, eq, raw = item.partition("=")
+        name, dot, param = key.strip().partition(".")
+        if not (eq and dot and name and param):
+            raise ValueError(
+                f"--score-params item {item!r} must look like score.param=value (e.g. vim.dim=64)"
+            )
+        SCORES.get(name)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        out.setdefault(name, {})[param.strip()] = value
+    for name, params in out.items():
+        try:
+            check_score_params(name, params)
+        except TypeError as err:
+            raise ValueError(str(err)) from None
+    return out
 
 
 def main_classifier(detector: ClassifierDetector, args: argparse.Namespace) -> int:
     """``python -m trainer.evaluate`` for a classifier detector (see :mod:`trainer.evaluate` for the flags)."""
-    names = parse_scores(args.scores) or [detector.spec.score.name]
+    own_name, own = detector.spec.score.name, detector.score
+    requested = parse_scores(args.scores) or [own_name]
+    params = parse_score_params(getattr(args, "score_params", None))
+    # with "all", the detector's own score comes first (the result's top-level metrics are the first's)
+    names, skipped = expand_scores([own_name, *requested] if ALL in requested else requested, detector.model)
+    for name in names:
+        reason = unmet_need(name, detector.model)
+        if reason:
+            raise ValueError(reason)
+    for name in params:
+        if name not in names and name not in skipped:
+            raise ValueError(
+                f"--score-params sets {name!r}, which is not evaluated (--scores {','.join(requested)})"
+            )
     benchmark = args.benchmark or "mnist-open"
     if benchmark not in BENCHMARKS:
         raise ValueError(
@@ -147,16 +298,34 @@ def main_classifier(detector: ClassifierDetector, args: argparse.Namespace) -> i
             f"warning: benchmark classes {bench.class_names} differ from the detector's {detector.class_names}",
             file=sys.stderr,
         )
+    if own_name in params and {**own.params(), **params[own_name]} != own.params():
+        print(f"{own_name}: --score-params differ from the detector's stored score; refitted on ID train")
+        fitted = {}
+    else:
+        fitted = {own_name: own}
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}")
     outputs = collect_benchmark(detector.model, bench, detector.preprocess, args.batch_size, args.device)
-    own = {detector.spec.score.name: detector.score}
-    scores = fit_scores(names, {}, outputs["train"], fitted=own)
+    scores = fit_scores(names, params, outputs["train"], fitted=fitted)
     result, values = evaluate_outputs(outputs, bench, scores)
-    result["detector"] = str(args.detector)
-    result["benchmark"] = benchmark
-    result["detector_info"] = detector.describe()
+    result.update(
+        {
+            "detector": str(args.detector),
+            "benchmark": benchmark,
+            "detector_info": detector.describe(),
+            "score_params": {name: score.params() for name, score in scores.items()},
+            "skipped": skipped,
+        }
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     if args.report:
         write_report(result, values, args.report, title=f"{detector.name} on {benchmark}")
+    save_scores = getattr(args, "save_scores", None)
+    if save_scores:
+        save_scores.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(save_scores, **{f"{n}/{s}": v for n, per in values.items() for s, v in per.items()})
+        print(f"wrote {save_scores}")
+    print(summary_markdown(result))
     print(f"wrote {args.out}")
     return 0

@@ -2,9 +2,10 @@
 
     python -m trainer.compare runs/ce runs/oal --out runs/ce_vs_oal.md [--scores energy,msp]
 
-Each run's ``report.json`` is read (nothing is re-evaluated); a row per OOD set plus the near/far means,
-a column pair (AUROC, FPR@95) per run and score. By default each run is shown with the score its detector
-exports.
+Each run's ``report.json`` is read (nothing is re-evaluated); per metric convention (ours: ID positive,
+step-wise AP; OpenOOD: OOD positive, trapezoid AUPR) a table with a row per OOD set plus the near/far
+means and a column pair (AUROC, FPR@95) per run and score. By default each run is shown with the score
+its detector exports. Reports written before the OpenOOD block existed show "–" in its table.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from trainer.report import CONVENTIONS, percent
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:
@@ -47,21 +50,42 @@ def comparison_markdown(reports: dict[str, dict[str, Any]], scores: list[str] | 
         "",
         f"{first['fpr95_definition']} Values in %.",
         "",
-        f"| OOD set | shift | {head} |",
-        "|---|---|" + "---:|" * (2 * len(columns)),
     ]
+    if first.get("openood_definition"):
+        lines += [first["openood_definition"], ""]
+    for _, label, pick in CONVENTIONS:
 
-    def cells(pick) -> str:
-        values = [pick(reports[n]["scores"][s]) for n, s in columns]
-        return " | ".join(f"{100 * v['auroc']:.2f} | {100 * v['fpr95']:.2f}" for v in values)
+        def cells(group: str, ood: str | None = None, pick=pick) -> str:
+            out = []
+            for n, s in columns:
+                block = pick(reports[n]["scores"][s]) or {}
+                metrics = block.get("ood", {}).get(ood) if ood else block.get(group)
+                out += [percent(metrics, "auroc"), percent(metrics, "fpr95")]
+            return " | ".join(out)
 
-    for ood in sets:
-        per_set = first["scores"][first["score"]]["ood"][ood]
-        shift = per_set.get("shift", per_set.get("kind"))  # "kind": reports written before 0.2
-        lines.append(f"| {ood} | {shift} | " + cells(lambda per, o=ood: per["ood"][o]) + " |")
-    for group in ("near", "far"):
-        lines.append(f"| **{group} mean** | | " + cells(lambda per, g=group: per[g]) + " |")
-    return "\n".join(lines) + "\n"
+        missing = [n for n, s in columns if pick(reports[n]["scores"][s]) is None]
+        note = (
+            [f"(– : {', '.join(dict.fromkeys(missing))} predate this block; re-evaluate them with "
+             "`python -m trainer.evaluate --detector RUN/detector --report RUN` to fill it)", ""]
+            if missing
+            else []
+        )  # fmt: skip
+        lines += [
+            f"## {label}",
+            "",
+            *note,
+            f"| OOD set | shift | {head} |",
+            "|---|---|" + "---:|" * (2 * len(columns)),
+        ]
+        for ood in sets:
+            per_set = first["scores"][first["score"]]["ood"][ood]
+            shift = per_set.get("shift", per_set.get("kind"))  # "kind": reports written before 0.2
+            lines.append(f"| {ood} | {shift} | " + cells("ood", ood) + " |")
+        for group in ("near", "far"):  # a group without OOD sets (no near folder, say) has no row
+            if any((pick(reports[n]["scores"][s]) or {}).get(group) for n, s in columns):
+                lines.append(f"| **{group} mean** | | " + cells(group) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from oodforge.backbones import BackboneConfig
 from oodforge.config import StrictModel
@@ -14,11 +14,9 @@ from oodforge.data import DataConfig
 from oodforge.data.mnist_scenes import DENSE_BENCHMARKS, SceneConfig
 from oodforge.data.transforms import Preprocess
 from oodforge.dense import PIXEL_SCORES, PoolingSpec
-from oodforge.scores import SCORES
+from oodforge.scores import ALL, SCORES, check_score_params, default_scores
 from oodforge.segmenters import SegmenterConfig
 from trainer.negatives import NegativesConfig
-
-ALL_SCORES = ["msp", "max_logit", "energy", "entropy", "knn", "mahalanobis"]
 
 
 class OptimConfig(StrictModel):
@@ -46,9 +44,39 @@ class LoopConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    scores: list[str] = ALL_SCORES
+    """Which scores the end-of-run evaluation computes, with what hyper-parameters.
+
+    Attributes:
+        scores: Registered score names, or ``all`` (every score the model can serve: those needing a
+            linear final layer are skipped for cosine / IsoMax+ heads, odin runs in its own gradient
+            pass). Default: the curated list of :func:`oodforge.scores.default_scores`.
+        score_params: ``{score: {param: value}}``, e.g. ``{react: {percentile: 90}, vim: {dim: 64}}``.
+        plots: Write histogram and ROC plots.
+    """
+
+    scores: list[str] = Field(default_factory=default_scores)
     score_params: dict[str, dict[str, Any]] = {"knn": {"k": 50}}
     plots: bool = True
+
+    @field_validator("scores")
+    @classmethod
+    def _registered(cls, scores: list[str]) -> list[str]:
+        for name in scores:
+            if name != ALL and name not in SCORES:
+                raise ValueError(f"unknown score {name!r}; choose 'all' or from {SCORES.names()}")
+        return scores
+
+    @field_validator("score_params")
+    @classmethod
+    def _known_params(cls, score_params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, params in score_params.items():
+            if name not in SCORES:
+                raise ValueError(f"score_params: unknown score {name!r}; choose from {SCORES.names()}")
+            try:
+                check_score_params(name, params)
+            except TypeError as err:
+                raise ValueError(f"score_params: {err}") from None
+        return score_params
 
 
 AUTO_SCORE = "auto"
@@ -100,7 +128,7 @@ class TrainConfig(StrictModel):
     @model_validator(mode="after")
     def _check_scores(self) -> TrainConfig:
         exported = [] if self.export.score == AUTO_SCORE else [self.export.score]
-        for name in [*self.eval.scores, *exported, *self.export.candidates]:
+        for name in [*exported, *self.export.candidates]:  # eval.scores: EvalConfig checks them
             if name not in SCORES:
                 raise ValueError(f"unknown score {name!r}; choose from {SCORES.names()}")
         return self

@@ -4,6 +4,7 @@ CLI::
 
     python -m trainer.evaluate --detector runs/ce/detector --benchmark mnist-open --out eval.json \
         --scores msp,energy,knn
+    python -m trainer.evaluate --detector runs/ce/detector --scores all --score-params react.percentile=90,vim.dim=64
     python -m trainer.evaluate --detector runs/dense_flow/detector --benchmark mnist-scenes \
         --scores js,msp,energy --report eval_dense/      # dense detectors: pixel AP, FPR@95, AUROC, mIoU
 
@@ -46,10 +47,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scores",
         default=None,
-        help="comma-separated scores (default: the detector's own); per-pixel js,msp,energy for dense detectors",
+        help="comma-separated scores, or 'all' (every score the classifier can serve; odin in its own "
+        "gradient pass); default: the detector's own; per-pixel js,msp,energy for dense detectors",
+    )
+    p.add_argument(
+        "--score-params",
+        default=None,
+        help="score hyper-parameters as score.param=value items (YAML values), e.g. "
+        "react.percentile=90,vim.dim=64",
     )
     p.add_argument("--out", type=Path, default=Path("eval.json"), help="where to write the JSON result")
     p.add_argument("--report", type=Path, default=None, help="also write report.md + plots into this dir")
+    p.add_argument(
+        "--save-scores",
+        type=Path,
+        default=None,
+        help="also write every score's per-image values to this .npz (keys 'score/set', ID test = 'score/id'; "
+        "classifier detectors)",
+    )
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p

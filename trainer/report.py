@@ -1,33 +1,84 @@
-"""Evaluation report: ``report.json``, a markdown table per metric and PNG plots."""
+"""Evaluation report: ``report.json``, markdown tables in both metric conventions and PNG plots.
+
+Every table says its convention: **ours** (ID positive, step-wise AP) or **OpenOOD** (OOD positive,
+trapezoid AUPR), both computed from the same score arrays (:mod:`oodforge.metrics`). Reports written
+before the OpenOOD block existed show "–" in its cells.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from oodforge.metrics import OPENOOD, OPENOOD_LABEL, OURS_LABEL
+
 METRICS = [("auroc", "AUROC ↑"), ("fpr95", "FPR@95 ↓"), ("aupr_in", "AUPR-in ↑"), ("aupr_out", "AUPR-out ↑")]
+MISSING = "–"
+
+Pick = Callable[[dict[str, Any]], dict[str, Any] | None]
+CONVENTIONS: list[tuple[str, str, Pick]] = [
+    ("ours", OURS_LABEL, lambda per: per),
+    (OPENOOD, OPENOOD_LABEL, lambda per: per.get(OPENOOD)),
+]
+"""``(key, label, pick)``: ``pick(per_score)`` is the block of that convention (``ood``/``near``/``far``)."""
+
+
+def percent(metrics: dict[str, Any] | None, key: str, bold: bool = False) -> str:
+    """``metrics[key]`` in % with 2 decimals, or "–" when the block or the value is missing."""
+    value = (metrics or {}).get(key)
+    if value is None:
+        return MISSING
+    text = f"{100 * value:.2f}"
+    return f"**{text}**" if bold else text
 
 
 def markdown_tables(result: dict[str, Any]) -> str:
-    """One table per metric: rows = OOD sets (+ near/far means), columns = scores, values in %."""
+    """Per convention, one table per metric: rows = OOD sets (+ near/far means), columns = scores, in %."""
     per_score = result["scores"]
     names = list(per_score)
-    sets = list(per_score[names[0]]["ood"])
+    first = per_score[names[0]]
+    sets = list(first["ood"])
     lines = []
-    for key, title in METRICS:
-        lines += [f"**{title}** (%)", "", "| OOD set | shift | " + " | ".join(names) + " |"]
-        lines.append("|---|---|" + "---:|" * len(names))
-        for s in sets:
-            shift = per_score[names[0]]["ood"][s]["shift"]
-            cells = [f"{100 * per_score[n]['ood'][s][key]:.2f}" for n in names]
-            lines.append(f"| {s} | {shift} | " + " | ".join(cells) + " |")
-        for group in ("near", "far"):
-            if per_score[names[0]].get(group):
-                cells = [f"**{100 * per_score[n][group][key]:.2f}**" for n in names]
-                lines.append(f"| **{group} mean** | | " + " | ".join(cells) + " |")
+    for _, label, pick in CONVENTIONS:
+        blocks = {n: pick(per_score[n]) or {} for n in names}
+        lines += [f"### {label}", ""]
+        for key, title in METRICS:
+            lines += [f"**{title}** (%, {label})", "", "| OOD set | shift | " + " | ".join(names) + " |"]
+            lines.append("|---|---|" + "---:|" * len(names))
+            for s in sets:
+                shift = first["ood"][s]["shift"]
+                cells = [percent(blocks[n].get("ood", {}).get(s), key) for n in names]
+                lines.append(f"| {s} | {shift} | " + " | ".join(cells) + " |")
+            for group in ("near", "far"):
+                if first.get(group):
+                    cells = [percent(blocks[n].get(group), key, bold=True) for n in names]
+                    lines.append(f"| **{group} mean** | | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    """Per convention, one table: a row per score, near/far means of the four metrics, in %.
+
+    A score that ran in its own gradient pass (``result["gradient_pass"]``) is marked so.
+    """
+    per_score = result["scores"]
+    gradient = set(result.get("gradient_pass", []))
+    groups = [g for g in ("near", "far") if per_score[next(iter(per_score))].get(g)]
+    head = " | ".join(f"{g} {title}" for g in groups for _, title in METRICS)
+    lines = []
+    for _, label, pick in CONVENTIONS:
+        lines += [f"{label} (%, means over the {' and '.join(groups)} OOD sets)", ""]
+        lines += [f"| score | pass | {head} |", "|---|---|" + "---:|" * (len(groups) * len(METRICS))]
+        for name, per in per_score.items():
+            block = pick(per) or {}
+            cells = [percent(block.get(g), key) for g in groups for key, _ in METRICS]
+            kind = "gradient" if name in gradient else "one pass"
+            lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -51,7 +102,8 @@ def detector_markdown(about: dict[str, Any]) -> str:
 
 
 def render_markdown(result: dict[str, Any], title: str) -> str:
-    """The report: ID accuracy, the detector (when ``result`` has ``detector_info``), a table per metric."""
+    """The report: ID accuracy, the detector (when ``result`` has ``detector_info``), a summary table per
+    metric convention and, per convention, a table per metric."""
     about = result.get("detector_info")
     return "\n".join(
         [
@@ -62,6 +114,12 @@ def render_markdown(result: dict[str, Any], title: str) -> str:
             f"on {result.get('n_id', '?')} images.",
             "",
             f"{result['fpr95_definition']} Scores: higher = more in-distribution.",
+            "",
+            *([result["openood_definition"], ""] if result.get("openood_definition") else []),
+            "## Summary",
+            "",
+            summary_markdown(result),
+            "## Per OOD set",
             "",
             markdown_tables(result),
         ]

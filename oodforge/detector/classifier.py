@@ -89,12 +89,25 @@ class ClassifierDetector(Detector):
         return logits.float().cpu(), features.float().cpu()
 
     def predict_pixels(self, pixel_values: torch.Tensor) -> Prediction:
-        """:class:`Prediction` with labels and confidences of pre-processed pixels (one forward pass)."""
-        return self.predict_from_outputs(*self.forward_batch(pixel_values))
+        """:class:`Prediction` with labels and confidences of pre-processed pixels.
+
+        One forward pass; a score that needs input gradients (``score.needs_grad``, e.g. ODIN) is
+        computed by its own :meth:`~oodforge.scores.Score.score_pixels` with gradients enabled locally
+        (labels and confidences still come from the unperturbed forward pass).
+        """
+        logits, features = self.forward_batch(pixel_values)
+        if not self.score.needs_grad:
+            return self.predict_from_outputs(logits, features)
+        scores = self.score.score_pixels(
+            self.model, pixel_values.to(self.device), input_std=self.preprocess.std
+        )
+        return self._prediction(scores.detach().cpu().numpy().astype(np.float64), logits)
 
     def predict_from_outputs(self, logits: torch.Tensor, features: torch.Tensor) -> Prediction:
-        """:class:`Prediction` of a batch's logits and features."""
-        scores = self.score(logits, features).numpy().astype(np.float64)
+        """:class:`Prediction` of a batch's logits and features (scores without ``needs_grad``)."""
+        return self._prediction(self.score(logits, features).numpy().astype(np.float64), logits)
+
+    def _prediction(self, scores: np.ndarray, logits: torch.Tensor) -> Prediction:
         conf, labels = logits.softmax(dim=1).max(dim=1)
         return Prediction(
             scores=scores,
