@@ -2,9 +2,11 @@
 
     uvicorn api.app:app --host 127.0.0.1 --port 8000 --workers 2     # settings from OODFORGE_* / YAML
 
-Startup loads every detector once (in a thread) and starts one micro-batcher per detector; ``/readyz``
-turns 200 when the default detector is loaded. Client mistakes become 4xx with a message that says
-what to do; anything else is logged and answered with a generic 500.
+Startup loads every detector once (in a thread), starts one micro-batcher per detector and the pool of
+threads that decode uploads; ``/readyz`` turns 200 when the default detector is loaded. Client mistakes
+become 4xx with a message that says what to do — ``{"detail": "..."}`` on the oodforge API,
+``{"error": "..."}`` under ``/v2`` (the Open Inference Protocol's form); anything else is logged and
+answered with a generic 500.
 """
 
 from __future__ import annotations
@@ -16,22 +18,35 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import oodforge
+from api import v2
 from api.batching import MicroBatcher
 from api.detectors import DetectorTable, UnknownDetector
 from api.images import InputError
 from api.metrics import MetricsMiddleware, ServerMetrics
+from api.pipeline import Decoder
 from api.routes import router
-from api.settings import ServeSettings, inference_threads, load_settings
+from api.settings import ServeSettings, decode_threads, inference_threads, load_settings
 
 log = logging.getLogger("oodforge.api")
 
 
-def _error(status: int, message: str, request: Request) -> JSONResponse:
+def _is_v2(request: Request) -> bool:
+    path = request.url.path
+    return path == v2.router.prefix or path.startswith(v2.router.prefix + "/")
+
+
+def _error(
+    status: int, message: str, request: Request, headers: dict[str, str] | None = None
+) -> JSONResponse:
     log.info("%s %s -> %d: %s", request.method, request.url.path, status, message)
-    return JSONResponse({"detail": message}, status_code=status)
+    key = "error" if _is_v2(request) else "detail"
+    return JSONResponse({key: message}, status_code=status, headers=headers)
 
 
 async def _input_error(request: Request, err: Exception) -> JSONResponse:
@@ -43,9 +58,32 @@ async def _unknown_detector(request: Request, err: Exception) -> JSONResponse:
     return _error(404, str(err.args[0]), request)
 
 
+async def _http_error(request: Request, err: Exception) -> Response:
+    assert isinstance(err, StarletteHTTPException)
+    if not _is_v2(request):
+        return await http_exception_handler(request, err)
+    message = str(err.detail)
+    if err.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
+        message = (
+            f"{message}: {request.method} {request.url.path}; this server implements GET /v2, "
+            "/v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/{version}][/ready] and "
+            "POST /v2/models/{name}[/versions/{version}]/infer"
+        )
+    return _error(err.status_code, message, request, headers=getattr(err, "headers", None))
+
+
+async def _validation_error(request: Request, err: Exception) -> Response:
+    assert isinstance(err, RequestValidationError)
+    if not _is_v2(request):
+        return await request_validation_exception_handler(request, err)
+    where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()[:3])
+    return _error(422, f"the request does not match the protocol ({where})", request)
+
+
 async def _internal_error(request: Request, err: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=err)
-    return JSONResponse({"detail": "internal server error; the server log has the details"}, status_code=500)
+    key = "error" if _is_v2(request) else "detail"
+    return JSONResponse({key: "internal server error; the server log has the details"}, status_code=500)
 
 
 def create_app(settings: ServeSettings | None = None) -> FastAPI:
@@ -62,8 +100,14 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 "no detector could be loaded from %s: %s", settings.detectors_dir, table.failed or "empty"
             )
         app.state.table = table
+        app.state.decoder = Decoder(decode_threads(settings), metrics)
         app.state.batchers = {
-            name: MicroBatcher(detector, settings.batching, on_batch=metrics.batch_size.labels(name).observe)
+            name: MicroBatcher(
+                detector,
+                settings.batching,
+                on_batch=metrics.batch_size.labels(name).observe,
+                on_stage=metrics.observe_stage,
+            )
             for name, detector in table.detectors.items()
         }
         for batcher in app.state.batchers.values():
@@ -73,20 +117,25 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         finally:
             for batcher in app.state.batchers.values():
                 await batcher.stop()
+            app.state.decoder.close()
 
     app = FastAPI(
         title="oodforge",
         version=oodforge.__version__,
-        description="Out-of-distribution verdicts for images: POST them to /score.",
+        description="Out-of-distribution verdicts for images: POST them to /score, or to "
+        "/v2/models/{name}/infer (Open Inference Protocol v2, e.g. tritonclient.http).",
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.add_exception_handler(InputError, _input_error)
     app.add_exception_handler(UnknownDetector, _unknown_detector)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(router)
+    app.include_router(v2.router)
     return app
 
 

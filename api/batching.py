@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from oodforge.detector import Detector, Prediction
 class _Job:
     pixels: torch.Tensor
     future: asyncio.Future[Prediction]
+    submitted: float  # perf_counter() when queued
 
 
 _WAKE = object()  # queued when the last announced request has submitted (or given up)
@@ -47,13 +49,24 @@ async def _joined(jobs: list[_Job]) -> Prediction:
 
 
 class MicroBatcher:
-    """Collects jobs for one detector into batches; ``on_batch(n)`` is called with each batch's size."""
+    """Collects jobs for one detector into batches.
 
-    def __init__(self, detector: Detector, batching: Batching, on_batch: Callable[[int], None] | None = None):
+    ``on_batch(n)`` is called with each batch's size; ``on_stage(stage, seconds)`` with each job's wait
+    for its batch (``"queue"``) and each batch's forward pass (``"model"``).
+    """
+
+    def __init__(
+        self,
+        detector: Detector,
+        batching: Batching,
+        on_batch: Callable[[int], None] | None = None,
+        on_stage: Callable[[str, float], None] | None = None,
+    ):
         self.detector = detector
         self.max_batch_size = batching.max_batch_size
         self.max_wait = batching.max_wait_ms / 1000.0
         self.on_batch = on_batch
+        self.on_stage = on_stage
         self._queue: asyncio.Queue[_Job | object] = asyncio.Queue()
         self._carry: deque[_Job] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{detector.name}")
@@ -88,9 +101,9 @@ class MicroBatcher:
         if self._task is None:
             raise RuntimeError("MicroBatcher.start() was not awaited")
         loop = asyncio.get_running_loop()
-        jobs = []
+        jobs, now = [], time.perf_counter()
         for start in range(0, len(pixels), self.max_batch_size):
-            job = _Job(pixels[start : start + self.max_batch_size], loop.create_future())
+            job = _Job(pixels[start : start + self.max_batch_size], loop.create_future(), now)
             self._queue.put_nowait(job)
             jobs.append(job)
         return asyncio.ensure_future(_joined(jobs))
@@ -152,6 +165,7 @@ class MicroBatcher:
             jobs = await self._collect()
             if not jobs:
                 continue
+            started = time.perf_counter()
             try:
                 prediction = await loop.run_in_executor(self._executor, self._batch, jobs)
             except Exception as err:  # noqa: BLE001 - hand the failure to every waiting request, go on
@@ -159,6 +173,10 @@ class MicroBatcher:
                     if not job.future.done():
                         job.future.set_exception(err)
                 continue
+            if self.on_stage is not None:
+                self.on_stage("model", time.perf_counter() - started)
+                for job in jobs:
+                    self.on_stage("queue", started - job.submitted)
             start = 0
             for job in jobs:
                 stop = start + len(job.pixels)

@@ -1,13 +1,13 @@
 """Untrusted request bytes -> RGB images, or a 4xx that says what to do.
 
-The decoding itself is :func:`oodforge.images.decode_image` — the same function ``Detector.predict``
-uses on bytes — so a served score equals the library's on the same file. Here: the HTTP error type
-and base64.
+The decoding itself is :func:`oodforge.images.decode_image` — the same function, with the same JPEG
+draft setting, that ``Detector.predict`` uses on bytes — so a served score equals the library's on the
+same file. Here: the HTTP error type, base64, and how uploads are named in messages and answers.
 
 Example:
-    >>> image = decode_upload(data, "cat.png", Limits(), index=0)
-    >>> image.mode
-    'RGB'
+    >>> decoded = decode_upload(data, "cat.png", Limits(), index=0, draft=32)
+    >>> decoded.image.mode, decoded.size
+    ('RGB', (640, 480))
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import base64
 import binascii
 from collections.abc import Sequence
 
-from PIL import Image
-
 from api.settings import Limits
-from oodforge.images import BLACK, ImageError, decode_image
+from oodforge.images import BLACK, Decoded, ImageError, decode_with_size
+
+MAX_FILENAME_CHARS = 255  # filenames echoed back in answers are shortened to this (keeping the end)
 
 
 class InputError(Exception):
@@ -38,6 +38,14 @@ def image_label(filename: str | None, index: int) -> str:
         return f"image {index}"
     short = filename if len(filename) <= 120 else filename[:100] + "…" + filename[-19:]
     return f"image {index} ({short})"
+
+
+def short_filename(filename: str | None) -> str | None:
+    """``filename`` as answers echo it: at most :data:`MAX_FILENAME_CHARS` characters, start and end kept."""
+    if filename is None or len(filename) <= MAX_FILENAME_CHARS:
+        return filename
+    tail = 48  # keeps the extension and any numbering at the end
+    return filename[: MAX_FILENAME_CHARS - tail - 1] + "…" + filename[-tail:]
 
 
 def decode_base64(text: str, index: int) -> bytes:
@@ -64,15 +72,29 @@ def decode_upload(
     limits: Limits,
     index: int = 0,
     background: Sequence[int] = BLACK,
-) -> Image.Image:
-    """Open, check and fully decode one uploaded image as RGB; :class:`InputError` otherwise."""
+    draft: int | None = None,
+    formats: Sequence[str] | None = None,
+) -> Decoded:
+    """Open, check and decode one uploaded image as RGB; :class:`InputError` otherwise.
+
+    Args:
+        data: The file's bytes.
+        filename: The upload's name, for messages.
+        limits: ``max_image_pixels`` and ``image_formats`` apply.
+        index: Position of the image in the request, for messages.
+        background: RGB that transparent pixels are composited on (the detector's).
+        draft: The model input side, to decode JPEGs at a reduced scale (``limits.jpeg_draft``).
+        formats: Accept only these of ``limits.image_formats`` (a client-declared content type).
+    """
+    allowed = limits.image_formats if formats is None else [f for f in formats if f in limits.image_formats]
     try:
-        return decode_image(
+        return decode_with_size(
             data,
             image_label(filename, index),
-            formats=limits.image_formats,
+            formats=allowed,
             max_pixels=limits.max_image_pixels,
             background=background,
+            draft=draft,
         )
     except ImageError as err:
         raise InputError(err.status, err.message) from None

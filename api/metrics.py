@@ -1,7 +1,10 @@
 """Prometheus metrics of the server, and the ASGI middleware that counts every request.
 
 Exposed at ``GET /metrics``: requests (by path template, method, status), request latency histogram,
-images scored, OOD verdicts, errors by status, batch sizes. Each app has its own registry (tests
+images scored, OOD verdicts, errors by status, batch sizes, and where a scoring request's time goes
+(``oodforge_stage_seconds`` by stage: ``read`` the body and parse it, ``decode`` bytes to RGB,
+``preprocess`` resize and normalise, ``queue`` wait for a batch, ``model`` the forward pass and score of
+a batch, ``respond`` build the answer; decode and preprocess are summed over a request's images). Each app has its own registry (tests
 create several); with ``PROMETHEUS_MULTIPROC_DIR`` set (several uvicorn workers), ``/metrics``
 aggregates every worker through prometheus_client's multiprocess collector.
 """
@@ -17,6 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+STAGES = ("read", "decode", "preprocess", "queue", "model", "respond")
 
 
 class ServerMetrics:
@@ -47,6 +52,18 @@ class ServerMetrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.stage = Histogram(
+            "oodforge_stage_seconds",
+            "Seconds a scoring request spends per stage (model: per batch)",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self._stages = {name: self.stage.labels(name) for name in STAGES}
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """Add ``seconds`` to ``stage`` (one of :data:`STAGES`)."""
+        self._stages[stage].observe(seconds)
 
     def exposition(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -1,36 +1,38 @@
-"""The HTTP endpoints: ``/score``, ``/detectors``, ``/detectors/{name}``, ``/healthz``, ``/readyz``, ``/metrics``."""
+"""The HTTP endpoints: ``/score``, ``/detectors``, ``/detectors/{name}``, ``/healthz``, ``/readyz``, ``/metrics``.
+
+The Open Inference Protocol endpoints (``/v2/...``) are in :mod:`api.v2`; both score through
+:mod:`api.pipeline`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+import time
+import weakref
+from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.auth import require_api_key
-from api.images import InputError
+from api.images import InputError, short_filename
 from api.maps import encode_maps
+from api.pipeline import predict
 from api.schemas import (
-    AnomalyMap,
     DetectorInfo,
     DetectorList,
     DetectorRef,
     ErrorBody,
-    ImageResult,
     ScoreRequest,
     ScoreResponse,
     Status,
     ThresholdInfo,
 )
-from api.uploads import decode_batch, read_uploads
-from oodforge.detector import Detector
+from api.uploads import DecodedBatch, Upload, read_uploads
+from oodforge.detector import Detector, Prediction
 
 router = APIRouter()
-INLINE_DECODE_BYTES = 64 * 1024  # smaller requests are decoded on the event loop (tens of microseconds)
-T = TypeVar("T")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
@@ -107,9 +109,46 @@ def maps_refused(name: str, detector: Detector, with_maps: list[str]) -> str:
     )
 
 
-async def _off_loop_unless(cheap: bool, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` on the event loop when ``cheap`` (cheaper than a thread hop), else in the threadpool."""
-    return fn(*args) if cheap else await run_in_threadpool(fn, *args)
+def score_body(
+    name: str,
+    detector: Detector,
+    uploads: list[Upload],
+    prediction: Prediction,
+    maps: list[dict[str, Any]] | None = None,
+) -> bytes:
+    """The JSON of a :class:`ScoreResponse`, built from plain values (orjson; no model validation)."""
+    threshold = detector.threshold
+    ref, about_threshold = _response_head(name, detector)
+    results = []
+    scores, is_ood = prediction.scores.tolist(), prediction.is_ood.tolist()
+    labels, confidences = prediction.label_names(), prediction.confidence_values()
+    for i, (filename, _) in enumerate(uploads):
+        result = {
+            "index": i,
+            "filename": short_filename(filename),
+            "is_ood": bool(is_ood[i]),
+            "score": float(scores[i]),
+            "threshold": threshold,
+            "label": labels[i],
+            "confidence": confidences[i],
+        }
+        if maps is not None:
+            result["map"] = maps[i]
+        results.append(result)
+    return orjson.dumps({"detector": ref, "threshold": about_threshold, "results": results})
+
+
+_HEADS: weakref.WeakKeyDictionary[Detector, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _response_head(name: str, detector: Detector) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``detector`` and ``threshold`` of a score response: the same for every request, so built once."""
+    by_name = _HEADS.setdefault(detector, {})
+    if name not in by_name:
+        by_name[name] = (detector_ref(name, detector).model_dump(), threshold_info(detector).model_dump())
+    return by_name[name]
 
 
 @router.post(
@@ -132,37 +171,22 @@ async def score(
     if maps and not model.has_maps:
         raise InputError(400, maps_refused(name, model, state.table.names_with_maps()))
     limits = state.settings.limits
-    batcher = state.batchers[name]
-    with batcher.announce():  # an open batch waits for this request while it is read and decoded
-        uploads = await read_uploads(request, limits)
-        cheap = sum(len(data) for _, data in uploads) <= INLINE_DECODE_BYTES
-        decoded = await _off_loop_unless(cheap, decode_batch, uploads, model, limits)
-        pending = batcher.submit(decoded.pixels)
-    prediction = await pending
-    state.metrics.observe_verdicts(name, prediction.is_ood)
-    anomaly: list[AnomalyMap | None] = (
-        list(await encode_maps(model, prediction, decoded.sizes)) if maps else [None] * len(uploads)
-    )
-    body = ScoreResponse(
-        detector=detector_ref(name, model),
-        threshold=threshold_info(model),
-        results=[
-            ImageResult(
-                index=i,
-                filename=filename,
-                is_ood=bool(prediction.is_ood[i]),
-                score=float(prediction.scores[i]),
-                threshold=model.threshold,
-                label=label,
-                confidence=confidence,
-                map=anomaly[i],
-            )
-            for i, ((filename, _), label, confidence) in enumerate(
-                zip(uploads, prediction.label_names(), prediction.confidence_values(), strict=True)
-            )
-        ],
-    )
-    return Response(body.model_dump_json(), media_type="application/json")  # built typed: no re-validation
+    uploads: list[Upload] = []
+
+    async def prepare() -> DecodedBatch:
+        start = time.perf_counter()
+        uploads.extend(await read_uploads(request, limits))
+        state.metrics.observe_stage("read", time.perf_counter() - start)
+        return await state.decoder.decode(uploads, model, limits)
+
+    prediction, decoded = await predict(state, name, prepare)
+    start = time.perf_counter()
+    anomaly = None
+    if maps:
+        anomaly = [m.model_dump() for m in await encode_maps(model, prediction, decoded.sizes)]
+    body = score_body(name, model, uploads, prediction, anomaly)
+    state.metrics.observe_stage("respond", time.perf_counter() - start)
+    return Response(body, media_type="application/json")
 
 
 @router.get(
@@ -195,16 +219,25 @@ async def healthz() -> Status:
     return Status(status="ok")
 
 
+def readiness(state: Any) -> tuple[bool, dict[str, str]]:
+    """Whether the server is ready (the default detector is loaded and its batcher runs) and what failed."""
+    table = state.table
+    failed = dict(table.failed)
+    for name, batcher in state.batchers.items():
+        if not batcher.alive:
+            failed[name] = "its batching task stopped; restart the server (the log has the error)"
+    return table.ready and table.default not in failed, failed
+
+
 @router.get("/readyz", response_model=Status, responses={503: {"model": Status}})
 async def readyz(request: Request) -> Any:
     """200 once the default detector is loaded, 503 (with the reasons) otherwise."""
-    table = request.app.state.table
-    failed = dict(table.failed)
-    for name, batcher in request.app.state.batchers.items():
-        if not batcher.alive:
-            failed[name] = "its batching task stopped; restart the server (the log has the error)"
-    ready = table.ready and table.default not in failed
-    body = Status(status="ready" if ready else "not ready", detectors=sorted(table.detectors), failed=failed)
+    ready, failed = readiness(request.app.state)
+    body = Status(
+        status="ready" if ready else "not ready",
+        detectors=sorted(request.app.state.table.detectors),
+        failed=failed,
+    )
     return body if ready else JSONResponse(body.model_dump(), status_code=503)
 
 

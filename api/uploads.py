@@ -2,22 +2,23 @@
 
 The body is streamed with a byte budget (413 as soon as it is exceeded, before anything is parsed when
 ``Content-Length`` already says so), then handed to the reader registered for its content type. Each
-reader returns ``(filename, bytes)`` pairs; counting and decoding happen in one place afterwards.
+reader returns ``(filename, bytes)`` pairs; counting and decoding happen in one place afterwards
+(:func:`decode_one`, run for each image by :class:`api.pipeline.Decoder`).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import NamedTuple
 
+import orjson
 import torch
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from api.images import InputError, decode_base64, decode_upload
+from api.multipart import MultipartError, read_multipart
 from api.schemas import ScoreRequest
 from api.settings import Limits
 from oodforge.detector import Detector
@@ -47,40 +48,34 @@ async def limited_stream(request: Request, max_bytes: int) -> AsyncIterator[byte
 
 
 async def _read_multipart(request: Request, limits: Limits) -> list[Upload]:
-    parser = MultiPartParser(
-        request.headers,
-        limited_stream(request, limits.max_body_bytes),
-        max_files=limits.max_files + 1,  # one more than allowed, so that "too many" is ours to report
-        max_fields=100,
-    )
     try:
-        form = await parser.parse()
-    except MultiPartException as err:
-        if err.message.startswith("Too many files"):
+        parts = await read_multipart(
+            request.headers.get("content-type", ""),
+            limited_stream(request, limits.max_body_bytes),
+            max_files=limits.max_files,
+        )
+    except MultipartError as err:
+        if err.too_many_files:
             raise InputError(
-                413, f"more than {limits.max_files} images in one request; split it into several requests"
+                413,
+                f"{limits.max_files + 1} or more images in one request, above the limit of {limits.max_files}; "
+                "split it into several requests",
             ) from None
         raise InputError(400, f"malformed multipart body ({err.message}); {HOW_TO}") from None
-    try:
-        items = form.getlist(FIELD)
-        if not items:
-            fields = ", ".join(sorted(set(form.keys()))) or "none"
-            raise InputError(400, f"no images in the field 'files' (fields sent: {fields}); {HOW_TO}")
-        uploads = []
-        for item in items:
-            if not isinstance(item, UploadFile):
-                raise InputError(400, f"the field 'files' holds text, not a file; {HOW_TO}")
-            uploads.append((item.filename, await item.read()))
-        return uploads
-    finally:
-        await form.close()
+    items = [part for part in parts if part.name == FIELD]
+    if not items:
+        fields = ", ".join(sorted({part.name for part in parts})) or "none"
+        raise InputError(400, f"no images in the field 'files' (fields sent: {fields}); {HOW_TO}")
+    if any(part.filename is None for part in items):
+        raise InputError(400, f"the field 'files' holds text, not a file; {HOW_TO}")
+    return [(part.filename, part.data) for part in items]
 
 
 async def _read_json(request: Request, limits: Limits) -> list[Upload]:
     body = b"".join([chunk async for chunk in limited_stream(request, limits.max_body_bytes)])
     try:
-        payload = ScoreRequest.model_validate(json.loads(body))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        payload = ScoreRequest.model_validate(orjson.loads(body))
+    except orjson.JSONDecodeError:
         raise InputError(400, f"the body is not valid JSON; {HOW_TO}") from None
     except ValidationError as err:
         where = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors()[:3])
@@ -127,22 +122,52 @@ class DecodedBatch(NamedTuple):
 
     Attributes:
         pixels: Pre-processed pixels ``[n, 3, S, S]``, in upload order.
-        sizes: ``(height, width)`` of each decoded image, in upload order (what a dense map is resized to).
+        sizes: ``(height, width)`` of each image at full resolution, in upload order (what a dense map is
+            resized to).
     """
 
     pixels: torch.Tensor
     sizes: list[tuple[int, int]]
 
 
-def decode_batch(uploads: list[Upload], detector: Detector, limits: Limits) -> DecodedBatch:
-    """Decode and pre-process every upload for ``detector``, once each (CPU work: call it off the loop).
+class DecodedImage(NamedTuple):
+    """One upload as model input, its full-resolution ``(height, width)`` and the seconds each step took."""
 
-    Only one full-size decoded image is held at a time; what is kept of it is its model input and size.
+    pixels: torch.Tensor
+    size: tuple[int, int]
+    decode_s: float
+    preprocess_s: float
+
+
+def decode_one(
+    upload: Upload, index: int, detector: Detector, limits: Limits, formats: Sequence[str] | None = None
+) -> DecodedImage:
+    """Decode one upload for ``detector`` and pre-process it (CPU work that releases the GIL).
+
+    JPEGs are decoded at a reduced scale when ``limits.jpeg_draft`` (as ``Detector.predict`` does on
+    bytes); only this image's full-size decode is held, until its model input is made.
     """
-    pixels, sizes = [], []
-    background = detector.spec.input.background
-    for i, (name, data) in enumerate(uploads):
-        image = decode_upload(data, name, limits, index=i, background=background)
-        pixels.append(detector.preprocess(image))
-        sizes.append((image.height, image.width))
-    return DecodedBatch(pixels=torch.stack(pixels), sizes=sizes)
+    name, data = upload
+    start = time.perf_counter()
+    draft = detector.input_shape[-1] if limits.jpeg_draft else None
+    decoded = decode_upload(
+        data,
+        name,
+        limits,
+        index=index,
+        background=detector.spec.input.background,
+        draft=draft,
+        formats=formats,
+    )
+    decoded_at = time.perf_counter()
+    pixels = detector.preprocess(decoded.image)
+    width, height = decoded.size
+    return DecodedImage(pixels, (height, width), decoded_at - start, time.perf_counter() - decoded_at)
+
+
+def decode_batch(
+    uploads: list[Upload], detector: Detector, limits: Limits, formats: Sequence[str] | None = None
+) -> DecodedBatch:
+    """Decode and pre-process every upload for ``detector``, one after the other, in this thread."""
+    images = [decode_one(u, i, detector, limits, formats) for i, u in enumerate(uploads)]
+    return DecodedBatch(torch.stack([im.pixels for im in images]), [im.size for im in images])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import re
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -238,6 +239,12 @@ def test_metrics_count_what_was_sent(served):
     assert delta("oodforge_batch_size_sum", detector="tiny") == 4
     assert delta("oodforge_request_latency_seconds_count", path="/score") == 3
     assert metric_value(after, "oodforge_errors_total", status="500") == 0
+    assert delta("oodforge_stage_seconds_count", stage="decode") == 2  # once per request that decoded
+    assert delta("oodforge_stage_seconds_count", stage="respond") == 2
+    assert (
+        delta("oodforge_stage_seconds_count", stage="queue") == 2
+        and delta("oodforge_stage_seconds_sum", stage="model") > 0
+    )
 
 
 def test_concurrent_requests_share_batches(served):
@@ -295,6 +302,10 @@ def test_several_workers_share_one_metrics_view(ood_assets, tmp_path):
     env = limits_env(root) | {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     data = png_bytes(digit_like(3))
     with running_server(env, tmp_path / "workers.log", workers=2) as server:
+        deadline = time.monotonic() + 60  # /readyz answers once the first worker is up; wait for the second
+        while len(re.findall(r"Application startup complete", server.log_text())) < 2:
+            assert time.monotonic() < deadline, server.log_text()
+            time.sleep(0.2)
         with server.client() as client, ThreadPoolExecutor(6) as pool:
             codes = list(
                 pool.map(lambda _: client.post("/score", **multipart(("a.png", data))).status_code, range(24))

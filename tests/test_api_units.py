@@ -16,8 +16,11 @@ from serving import digit_like, png_bytes, run_batcher
 from api.auth import key_matches
 from api.batching import MicroBatcher
 from api.detectors import DetectorTable, discover
-from api.images import InputError, decode_base64, decode_upload
-from api.settings import Batching, Limits, env_overrides, inference_threads, load_settings
+from api.images import MAX_FILENAME_CHARS, InputError, decode_base64, decode_upload, short_filename
+from api.multipart import MultipartError, read_multipart
+from api.routes import score_body
+from api.schemas import ScoreResponse
+from api.settings import Batching, Limits, decode_threads, env_overrides, inference_threads, load_settings
 from oodforge.config import ConfigError
 from oodforge.detector import Detector
 
@@ -82,6 +85,9 @@ def test_formats_outside_the_list_are_refused():
     data = png_bytes(digit_like(0), "BMP")
     assert decode_upload(data, "x", Limits()).size == (28, 28)
     with pytest.raises(InputError) as err:
+        decode_upload(data, "x", Limits(), formats=["PNG"])  # a client-declared content type narrows them
+    assert err.value.status == 415
+    with pytest.raises(InputError) as err:
         decode_upload(data, "x", Limits(image_formats=["PNG"]))
     assert err.value.status == 415 and "PNG" in err.value.message
 
@@ -97,10 +103,75 @@ def test_base64_variants():
 
 def test_pixel_limit_is_checked_before_decoding():
     data = png_bytes(Image.new("L", (50, 40)))
-    assert decode_upload(data, "x", Limits(max_image_pixels=2000)).size == (50, 40)
+    assert decode_upload(data, "x", Limits(max_image_pixels=2000)).image.size == (50, 40)
     with pytest.raises(InputError) as err:
         decode_upload(data, "x", Limits(max_image_pixels=1999))
     assert err.value.status == 413 and "50x40" in err.value.message
+
+
+def test_long_filenames_are_shortened_keeping_both_ends():
+    assert short_filename(None) is None and short_filename("a.png") == "a.png"
+    name = "x" * 3000 + "-0042.png"
+    short = short_filename(name)
+    assert len(short) == MAX_FILENAME_CHARS and short.startswith("xxx") and short.endswith("-0042.png")
+
+
+# ------------------------------------------------------------------ multipart
+
+
+def _multipart(files: list[tuple[str, bytes]], data: dict | None = None) -> tuple[str, bytes]:
+    import httpx
+
+    request = httpx.Request("POST", "http://x/", files=[("files", f) for f in files], data=data)
+    return request.headers["content-type"], request.read()
+
+
+async def _chunks(body: bytes, size: int = 777):
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+def test_multipart_parts_with_very_long_filenames():
+    content_type, body = _multipart([("é" * 5000 + ".png", b"\x89PNG-1"), ("b.png", b"2")], {"note": "hi"})
+    parts = asyncio.run(read_multipart(content_type, _chunks(body), max_files=2))
+    assert [(p.name, p.filename, p.data) for p in parts] == [
+        ("note", None, b"hi"),
+        ("files", "é" * 5000 + ".png", b"\x89PNG-1"),
+        ("files", "b.png", b"2"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mangle", "max_files", "message"),
+    [
+        (lambda ct, body: (ct, body[: len(body) // 2]), 4, "ends before its closing boundary"),
+        (lambda ct, body: ("multipart/form-data", body), 4, "no boundary"),
+        (lambda ct, body: (ct, body.replace(b"form-data;", b"inline;", 1)), 4, "Content-Disposition"),
+        (lambda ct, body: (ct, body), 1, "more than 1 files"),
+        (lambda ct, body: (ct, b"garbage" + body), 4, "invalid multipart data"),
+    ],
+)
+def test_malformed_multipart_says_what_is_wrong(mangle, max_files, message):
+    content_type, body = mangle(*_multipart([("a.png", b"1"), ("b.png", b"2")]))
+    with pytest.raises(MultipartError) as err:
+        asyncio.run(read_multipart(content_type, _chunks(body), max_files=max_files))
+    assert message in err.value.message
+    content_type, body = _multipart([("n" * 70_000, b"1")])
+    with pytest.raises(MultipartError, match="longer than 65536 bytes"):
+        asyncio.run(read_multipart(content_type, _chunks(body), max_files=4))
+
+
+def test_the_score_body_matches_its_schema(ood_assets):
+    detector = Detector.load(ood_assets.ce)
+    images = [png_bytes(digit_like(i)) for i in range(3)]
+    prediction = detector.predict(images)
+    body = score_body(
+        "tiny", detector, [("a" * 400, images[0]), (None, images[1]), ("c", images[2])], prediction
+    )
+    parsed = ScoreResponse.model_validate_json(body)
+    assert [r.filename for r in parsed.results] == [short_filename("a" * 400), None, "c"]
+    assert [r.score for r in parsed.results] == prediction.scores.tolist()
+    assert parsed.detector.name == "tiny" and parsed.threshold.value == detector.threshold
 
 
 # ------------------------------------------------------------------ auth
@@ -204,17 +275,25 @@ def test_workers_share_the_cores_among_their_torch_threads():
     assert inference_threads(settings, {}) == cores
     assert inference_threads(settings, {"WEB_CONCURRENCY": str(cores * 2)}) == 1
     assert inference_threads(settings, {"WEB_CONCURRENCY": "junk"}) == cores
-    pinned = load_settings(environ={"OODFORGE_TORCH_THREADS": "3"})
+    pinned = load_settings(environ={"OODFORGE_TORCH_THREADS": "3", "OODFORGE_DECODE_THREADS": "5"})
     assert inference_threads(pinned, {"WEB_CONCURRENCY": "8"}) == 3
+    assert decode_threads(pinned, {"WEB_CONCURRENCY": "8"}) == 5
+    assert decode_threads(settings, {"WEB_CONCURRENCY": "1"}) == cores
 
 
 def test_a_lone_request_does_not_wait_and_an_announced_one_is_waited_for(ood_assets):
     detector = Detector.load(ood_assets.ce)
     sizes: list[int] = []
+    stages: list[str] = []
     one, two = _pixels(detector, [0]), _pixels(detector, [1])
 
     async def main():
-        batcher = MicroBatcher(detector, Batching(max_batch_size=8, max_wait_ms=3000), on_batch=sizes.append)
+        batcher = MicroBatcher(
+            detector,
+            Batching(max_batch_size=8, max_wait_ms=3000),
+            on_batch=sizes.append,
+            on_stage=lambda stage, seconds: stages.append(stage),
+        )
         await batcher.start()
         try:
             start = time.perf_counter()
@@ -232,4 +311,5 @@ def test_a_lone_request_does_not_wait_and_an_announced_one_is_waited_for(ood_ass
 
     lone, announced = asyncio.run(main())
     assert sizes == [1, 2]
+    assert stages == ["model", "queue", "model", "queue", "queue"]  # a model time per batch, a wait per job
     assert lone < 1.0 and 0.2 <= announced < 1.5  # far below the 3 s max_wait either way

@@ -138,9 +138,14 @@ class Detector:
         return (3, size, size)
 
     # ---------------------------------------------------------------- inference
-    def decode(self, data: bytes, what: str = "image") -> Image.Image:
-        """Encoded bytes -> the RGB image this detector scores (the server's decoder)."""
-        return decode_image(data, what, background=self.spec.input.background)
+    def decode(self, data: bytes, what: str = "image", *, draft: bool = True) -> Image.Image:
+        """Encoded bytes -> the RGB image this detector scores (the server's decoder and settings).
+
+        With ``draft`` (the server's ``limits.jpeg_draft``, on by default) a JPEG is decoded at the
+        smallest DCT scale that keeps both sides at least the model input's (:mod:`oodforge.images`).
+        """
+        side = self.input_shape[-1] if draft else None
+        return decode_image(data, what, background=self.spec.input.background, draft=side)
 
     def pixels(self, images: Sequence[ImageInput] | ImageInput | torch.Tensor) -> torch.Tensor:
         """Pre-processed model input ``[N, 3, S, S]`` of PIL images, encoded bytes, file paths or a tensor.
