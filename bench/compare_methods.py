@@ -69,17 +69,47 @@ SUITES: dict[str, list[Entry]] = {
     "causes": [
         Entry("paper -feature_kd", "oal_paper.yaml", ("energy",), ("method_args.beta=0",), True),
         Entry("paper -logit_kd", "oal_paper.yaml", ("energy",), ("method_args.alpha=0",), True),
-        Entry("paper -both_kd", "oal_paper.yaml", ("energy",), ("method_args.alpha=0", "method_args.beta=0"), True),
-        Entry("paper -club", "oal_paper.yaml", ("energy",), ("method_args.gamma=0", "method_args.delta=0"), True),
+        Entry(
+            "paper -both_kd",
+            "oal_paper.yaml",
+            ("energy",),
+            ("method_args.alpha=0", "method_args.beta=0"),
+            True,
+        ),
+        Entry(
+            "paper -club", "oal_paper.yaml", ("energy",), ("method_args.gamma=0", "method_args.delta=0"), True
+        ),
         Entry("paper lr 0.001", "oal_paper.yaml", ("energy",), ("optim.lr=0.001",), True),
         Entry("paper 3 epochs", "oal_paper.yaml", ("energy",), ("train.epochs=3",), True),
         Entry("paper +oe", "oal_paper.yaml", ("energy", "knn"), ("method_args.pixel_term=oe",), True),
-        Entry("paper +energy_head", "oal_paper.yaml", ("energy", "knn"), ("method_args.pixel_term=energy_head",), True),
         Entry(
-            "paper +energy_margin", "oal_paper.yaml", ("energy", "knn"), ("method_args.pixel_term=energy_margin",), True
+            "paper +energy_head",
+            "oal_paper.yaml",
+            ("energy", "knn"),
+            ("method_args.pixel_term=energy_head",),
+            True,
         ),
-        Entry("paper club_q alternate", "oal_paper.yaml", ("energy",), ("method_args.club_q_training=alternate",), True),
-        Entry("paper club pairing class", "oal_paper.yaml", ("energy",), ("method_args.club_pairing=class",), True),
+        Entry(
+            "paper +energy_margin",
+            "oal_paper.yaml",
+            ("energy", "knn"),
+            ("method_args.pixel_term=energy_margin",),
+            True,
+        ),
+        Entry(
+            "paper club_q alternate",
+            "oal_paper.yaml",
+            ("energy",),
+            ("method_args.club_q_training=alternate",),
+            True,
+        ),
+        Entry(
+            "paper club pairing class",
+            "oal_paper.yaml",
+            ("energy",),
+            ("method_args.club_pairing=class",),
+            True,
+        ),
     ],
     "sampler": [
         Entry(
@@ -92,7 +122,13 @@ SUITES: dict[str, list[Entry]] = {
         for mode, path in KNN_ONLY.items()
     ],
 }
-SCORE_NAMES = {"msp": "MSP", "energy": "energy", "knn": "KNN", "max_logit": "max logit", "mahalanobis": "Mahalanobis"}
+SCORE_NAMES = {
+    "msp": "MSP",
+    "energy": "energy",
+    "knn": "KNN",
+    "max_logit": "max logit",
+    "mahalanobis": "Mahalanobis",
+}
 
 
 def run_name(entry: Entry, seed: int) -> str:
@@ -116,7 +152,12 @@ def train(entry: Entry, seed: int, fresh: bool) -> dict:
     for item in overrides:
         command += ["--set", item]
     stamp = run_dir / "bench_command.json"
-    if not fresh and (run_dir / "report.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == command:
+    if (
+        not fresh
+        and (run_dir / "report.json").is_file()
+        and stamp.is_file()
+        and json.loads(stamp.read_text()) == command
+    ):
         return json.loads((run_dir / "report.json").read_text())
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.perf_counter()
@@ -168,8 +209,14 @@ def summary_table(reports: dict[Entry, list[dict]], ce_ms: float) -> list[str]:
         ratio = statistics.fmean(r["step_ms"] for r in runs) / ce_ms
         for score in entry.scores:
             cells = [mean_std([r["id_accuracy"] for r in runs])]
-            cells += [mean_std([metric(r, score, g, k) for r in runs]) for g in ("near", "far") for k in ("auroc", "fpr95")]
-            lines.append(f"| {entry.name} | {score_label(runs, score)} | " + " | ".join(cells) + f" | {ratio:.2f}× |")
+            cells += [
+                mean_std([metric(r, score, g, k) for r in runs])
+                for g in ("near", "far")
+                for k in ("auroc", "fpr95")
+            ]
+            lines.append(
+                f"| {entry.name} | {score_label(runs, score)} | " + " | ".join(cells) + f" | {ratio:.2f}× |"
+            )
     return lines
 
 
@@ -209,7 +256,9 @@ def goal_check(reports: dict[Entry, list[dict]]) -> list[str]:
     for s in FAR:
         o = statistics.fmean(metric(r, AUTO, s, "fpr95") for r in oal)
         c = statistics.fmean(metric(r, "energy", s, "fpr95") for r in ce)
-        lines.append(f"| {s} FPR@95 ≤ CE + 1 | {100 * o:.2f} | {100 * c:.2f} | {'yes' if o <= c + 0.01 else 'no'} |")
+        lines.append(
+            f"| {s} FPR@95 ≤ CE + 1 | {100 * o:.2f} | {100 * c:.2f} | {'yes' if o <= c + 0.01 else 'no'} |"
+        )
         a = statistics.fmean(metric(r, AUTO, s, "auroc") for r in oal)
         lines.append(f"| {s} AUROC ≥ 99 | {100 * a:.2f} | | {'yes' if a >= 0.99 else 'no'} |")
     near = {
@@ -218,10 +267,14 @@ def goal_check(reports: dict[Entry, list[dict]]) -> list[str]:
         for sc in e.scores[:1]
     }
     best = min(near, key=near.get)
-    lines.append(f"| near FPR@95 lowest of all methods | {100 * near[next(k for k in near if k.startswith('oal ('))]:.2f} | lowest: {best} {100 * near[best]:.2f} | {'yes' if best.startswith('oal (') else 'no'} |")
+    lines.append(
+        f"| near FPR@95 lowest of all methods | {100 * near[next(k for k in near if k.startswith('oal ('))]:.2f} | lowest: {best} {100 * near[best]:.2f} | {'yes' if best.startswith('oal (') else 'no'} |"
+    )
     acc_o = statistics.fmean(r["id_accuracy"] for r in oal)
     acc_c = statistics.fmean(r["id_accuracy"] for r in ce)
-    lines.append(f"| ID accuracy ≥ CE − 0.5 | {100 * acc_o:.2f} | {100 * acc_c:.2f} | {'yes' if acc_o >= acc_c - 0.005 else 'no'} |")
+    lines.append(
+        f"| ID accuracy ≥ CE − 0.5 | {100 * acc_o:.2f} | {100 * acc_c:.2f} | {'yes' if acc_o >= acc_c - 0.005 else 'no'} |"
+    )
     return lines
 
 
@@ -271,7 +324,9 @@ def main() -> None:
     suites = [s for s in args.suites.split(",") if s]
     for needed in ("runs/teacher/detector", "outliers/mnist-open/card.json"):
         if not (REPO / needed).exists():
-            raise SystemExit(f"{needed} is missing; run `make demo` first (it builds the teacher and outliers)")
+            raise SystemExit(
+                f"{needed} is missing; run `make demo` first (it builds the teacher and outliers)"
+            )
     if "sampler" in suites:
         make_knn_only_datasets()
     started = time.perf_counter()

@@ -206,8 +206,8 @@ def derive_configs(args: argparse.Namespace, profile: DataProfile, out: Path) ->
     synth = read_yaml(REPO_CONFIGS / "synth" / "mnist_open.yaml")
     synth.update({"data": data, "teacher": str(out / "teacher" / "detector")})
     synth["generator"] = {**synth["generator"], "pretrained": gen_dir}
-    pixel = int(min(1000, max(200, profile.n_train // 2)))
-    synth["counts"] = {**synth["counts"], "pixel": pixel, "max_candidates_factor": 20}
+    pixel = int(min(600, max(200, profile.n_train // 3)))  # ~30 decoded candidates per kept image on CPU
+    synth["counts"] = {**synth["counts"], "pixel": pixel}
     if args.pretrained:
         synth["generator"].update({"dtype": "float16" if args.device == "cuda" else "float32", "steps": 25})
     fit = read_yaml(REPO_CONFIGS / "synth" / "tiny_mnist_open.yaml")
@@ -217,7 +217,7 @@ def derive_configs(args: argparse.Namespace, profile: DataProfile, out: Path) ->
     if args.pretrained:
         fit.update({"pretrained": args.pretrained})
         fit["invert"] = {"steps": args.invert_steps, "device": args.device}
-    elif args.fit_minutes:
+    else:
         fit["fit"] = {**fit["fit"], "max_minutes": args.fit_minutes}
     configs = {"ce": ce, "generator": fit, "teacher": teacher, "outliers": synth, "oal": oal}
     for item in args.overrides:
@@ -509,7 +509,7 @@ def parser() -> argparse.ArgumentParser:
         "--fit", action="store_true", help="fit the embedded generator even where one is published"
     )
     p.add_argument(
-        "--fit-minutes", type=float, default=None, help="time budget of the embedded generator's UNet fit"
+        "--fit-minutes", type=float, default=10.0, help="time budget of the embedded UNet fit, minutes"
     )
     p.add_argument("--invert-steps", type=int, default=300, help="textual-inversion steps with --pretrained")
     p.add_argument("--image-size", type=int, default=None, help="model input side (default: from the data)")

@@ -222,7 +222,8 @@ def choose_export_score(
         "n_outliers": len(images),
         "candidates": table,
         "dropped": {
-            n: "computed through the head, which was trained on the other part of these outliers" for n in dropped
+            n: "computed through the head, which was trained on the other part of these outliers"
+            for n in dropped
         },
     }
 
