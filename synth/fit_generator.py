@@ -10,6 +10,12 @@ Two recipes, chosen by ``pretrained``:
 Either way the result is saved with ``save_pretrained`` (atomically: a work dir, then a rename), with a
 card, and its fidelity is reported (share of class-prompted samples that the CE baseline classifies as
 the prompted class).
+
+Resumable: the work dir ``<out>/../.<name>.work/`` keeps each stage's accelerate checkpoints
+(``checkpoints/{vae,unet,invert}/step_*``, ``synth.checkpoint``) until the generator is published; the
+same command re-run after a kill continues from the newest checkpoint (a finished stage is restored, not
+re-trained) and ends with the same weights as an uninterrupted run. A re-run with a different config
+starts the affected stages again and says so.
 """
 
 from __future__ import annotations
@@ -24,21 +30,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
+from PIL import Image
 from pydantic import Field
 
 from oodforge.artifacts import library_versions
 from oodforge.config import StrictModel
 from oodforge.data import Benchmark, DataConfig, load_benchmark
 from oodforge.tokens import placeholder_token
+from synth.checkpoint import Stage
 from synth.embedded import TinySDConfig, build_components
-from synth.fit import FitConfig, encode_latents, fit_unet, fit_vae, images_to_tensor
+from synth.fit import (
+    BOOKKEEPING_KEYS,
+    VAE_KEYS,
+    FitConfig,
+    encode_latents,
+    fit_unet,
+    fit_vae,
+    images_to_tensor,
+    latent_scaling,
+)
 from synth.generator import CARD_FILE, Generator, GeneratorConfig
-from synth.invert import InvertConfig, fit_tokens, pipeline_resolution
+from synth.invert import InvertConfig, fit_tokens, training_resolution
 
 
 class FidelityConfig(StrictModel):
-    classifier: Path = Path("runs/ce/detector")
+    classifier: Path = Path("runs/demo/ce/detector")
     per_class: int = Field(50, ge=1)
     steps: int = 25
     guidance_scale: float = 3.0
@@ -100,9 +116,21 @@ def fit_generator(cfg: FitGeneratorConfig, out: Path, command: str = "") -> dict
 
 
 def _id_train(data: DataConfig) -> tuple[Benchmark, torch.Tensor, torch.Tensor]:
-    """The benchmark, its ID train images ``[N, 3, H, W]`` in [-1, 1] and their labels."""
+    """The benchmark, its ID train images ``[N, 3, S, S]`` in [-1, 1] and their labels.
+
+    Every image is brought to ``data.image_size`` (``S``): folder images come in any size and the
+    in-memory benchmarks already have it, so for them this is a no-op.
+    """
     bench = load_benchmark(data)
-    images = images_to_tensor(np.stack([np.asarray(bench.train[i][0]) for i in range(len(bench.train))]))
+    side = data.image_size
+
+    def square(i: int) -> np.ndarray:
+        image = bench.train[i][0].convert("RGB")
+        if image.size != (side, side):
+            image = image.resize((side, side), Image.Resampling.BICUBIC)
+        return np.asarray(image)
+
+    images = images_to_tensor(np.stack([square(i) for i in range(len(bench.train))]))
     return bench, images, torch.from_numpy(bench.train.labels)
 
 
@@ -129,37 +157,53 @@ def _publish(
     return card
 
 
+def _work_dir(out: Path) -> Path:
+    """The stable work dir of a fit to ``out``: its checkpoints survive a kill, a re-run resumes from them."""
+    return out.parent / f".{out.name}.work"
+
+
+def _stage_fingerprints(cfg: FitGeneratorConfig) -> dict[str, dict]:
+    """What each stage's result depends on; checkpoints written under another fingerprint are discarded."""
+    common = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json")}
+    if cfg.pretrained:
+        invert = cfg.invert.model_dump(mode="json", exclude=BOOKKEEPING_KEYS)
+        return {
+            "invert": {**common, "pretrained": cfg.pretrained, "revision": cfg.revision, "invert": invert}
+        }
+    model = cfg.model.model_dump(mode="json")
+    return {
+        "vae": {**common, "model": model, "fit": cfg.fit.model_dump(mode="json", include=VAE_KEYS)},
+        "unet": {**common, "model": model, "fit": cfg.fit.model_dump(mode="json", exclude=BOOKKEEPING_KEYS)},
+    }
+
+
 def fit_embedded(cfg: FitGeneratorConfig, out: Path, command: str = "") -> dict:
     """Train the embedded pipeline on ID train, save it to ``out`` atomically, return its card."""
     from diffusers import StableDiffusionPipeline
 
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the components' initial weights
+    gen = torch.Generator().manual_seed(cfg.seed)  # every draw of both loops (checkpointed with them)
     bench, images, labels = _id_train(cfg.data)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # a stable work dir: a killed fit keeps its finished VAE stage and the re-run skips it
-    tmp = out.parent / f".{out.name}.work"
+    tmp = _work_dir(out)
     tmp.mkdir(exist_ok=True)
     log_path = tmp / "fit_log.jsonl"
     log = _jsonl_logger(log_path)
+    fingerprints = _stage_fingerprints(cfg)
+    stages = {
+        name: Stage(tmp, name, fingerprints[name], cfg.fit.checkpoint_every_steps, cfg.fit.keep_checkpoints, log_path)
+        for name in ("vae", "unet")
+    }  # fmt: skip
     try:
         started = time.perf_counter()
         parts = build_components(cfg.model, bench.class_names, tmp)
-        vae_dir = tmp / "vae-stage"
-        stage = {"config": cfg.model.model_dump(), "steps": cfg.fit.vae_steps, "seed": cfg.seed}
-        if (vae_dir / "stage.json").is_file() and json.loads((vae_dir / "stage.json").read_text()) == stage:
-            parts["vae"] = AutoencoderKL.from_pretrained(vae_dir)
-            print(f"reusing the fitted VAE in {vae_dir}")
-        else:
-            scaling = fit_vae(parts["vae"], images, cfg.fit, gen, log)
-            parts["vae"].register_to_config(scaling_factor=scaling)
-            parts["vae"].save_pretrained(vae_dir)
-            (vae_dir / "stage.json").write_text(json.dumps(stage))
-        scaling = parts["vae"].config.scaling_factor
+        fit_vae(parts["vae"], images, cfg.fit, gen, log, stages["vae"])
         latents = encode_latents(parts["vae"], images)
+        scaling = latent_scaling(latents[0])
+        parts["vae"].register_to_config(scaling_factor=scaling)
         unet = fit_unet(
             parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
-            latents, labels, bench.class_names, scaling, cfg.fit, gen, log,
+            latents, labels, bench.class_names, scaling, cfg.fit, gen, log, stages["unet"],
         )  # fmt: skip
         wall = time.perf_counter() - started
         pipe = StableDiffusionPipeline(
@@ -177,6 +221,7 @@ def fit_embedded(cfg: FitGeneratorConfig, out: Path, command: str = "") -> dict:
             "benchmark": cfg.data.benchmark,
             "train_images": len(images),
             "fit_seconds": round(wall, 1),
+            "resumed": _resumed(stages),
             "command": command,
             "config": cfg.model_dump(mode="json"),
             "versions": library_versions(),
@@ -186,10 +231,16 @@ def fit_embedded(cfg: FitGeneratorConfig, out: Path, command: str = "") -> dict:
         )
         card = _publish(final, card, out, loader, cfg)
     except BaseException:
-        print(f"fit-generator stopped; finished stages are kept in {tmp} and a re-run resumes from them")
+        print(f"fit-generator stopped; its checkpoints are kept in {tmp} and a re-run resumes from them")
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     return card
+
+
+def _resumed(stages: dict[str, Stage]) -> dict[str, str] | None:
+    """Which stages this run restored from a checkpoint (for the card); None for a run from scratch."""
+    found = {name: str(s.resumed_from.name) for name, s in stages.items() if s.resumed_from is not None}
+    return found or None
 
 
 def _load_pretrained(cfg: FitGeneratorConfig, class_names: list[str]) -> Generator:
@@ -212,19 +263,24 @@ def invert_pretrained(cfg: FitGeneratorConfig, out: Path, command: str = "") -> 
     """Textual inversion of ``cfg.pretrained`` on ID train: learn only the placeholder tokens, save the
     whole pipeline to ``out`` atomically, return its card."""
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # batches, timesteps, noise (checkpointed with the loop)
     bench, images, labels = _id_train(cfg.data)
     pipe = _load_pretrained(cfg, bench.class_names).pipe
+    size = training_resolution(pipe, cfg.invert)  # a bad invert.resolution fails before any work
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.work"
-    shutil.rmtree(tmp, ignore_errors=True)  # nothing to resume: a stale work dir is discarded
-    tmp.mkdir()
+    tmp = _work_dir(out)
+    tmp.mkdir(exist_ok=True)
     log_path = tmp / "fit_log.jsonl"
+    stage = Stage(
+        tmp, "invert", _stage_fingerprints(cfg)["invert"], cfg.invert.checkpoint_every_steps,
+        cfg.invert.keep_checkpoints, log_path,
+    )  # fmt: skip
     try:
         started = time.perf_counter()
-        fit_tokens(pipe, images, labels, bench.class_names, cfg.invert, gen, _jsonl_logger(log_path))
+        fit_tokens(pipe, images, labels, bench.class_names, cfg.invert, gen, _jsonl_logger(log_path), stage)
         wall = time.perf_counter() - started
         final = tmp / "pipeline"
+        shutil.rmtree(final, ignore_errors=True)
         pipe.to(torch.float16 if cfg.save_dtype == "float16" else torch.float32).save_pretrained(final)
         shutil.copy(log_path, final / "fit_log.jsonl")
         card = {
@@ -235,8 +291,9 @@ def invert_pretrained(cfg: FitGeneratorConfig, out: Path, command: str = "") -> 
             "placeholder_tokens": [placeholder_token(c) for c in bench.class_names],
             "benchmark": cfg.data.benchmark,
             "train_images": len(images),
-            "resolution": pipeline_resolution(pipe),
+            "resolution": size,
             "fit_seconds": round(wall, 1),
+            "resumed": _resumed({"invert": stage}),
             "command": command,
             "config": cfg.model_dump(mode="json"),
             "versions": library_versions(),
@@ -245,10 +302,14 @@ def invert_pretrained(cfg: FitGeneratorConfig, out: Path, command: str = "") -> 
         loader = GeneratorConfig(
             pretrained=str(final), dtype=cfg.invert.dtype, device=cfg.invert.device,
             steps=cfg.fidelity.steps, guidance_scale=cfg.fidelity.guidance_scale,
+            height=cfg.invert.resolution, width=cfg.invert.resolution,
         )  # fmt: skip
-        return _publish(final, card, out, loader, cfg)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        card = _publish(final, card, out, loader, cfg)
+    except BaseException:
+        print(f"fit-generator stopped; its checkpoints are kept in {tmp} and a re-run resumes from them")
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return card
 
 
 def main_fit(cfg: FitGeneratorConfig, out: Path) -> int:

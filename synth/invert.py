@@ -8,8 +8,14 @@ arXiv 2208.01618): for an ID image x of class y, prompt "a high-quality image of
 
     z0 = scaling_factor * E(x),  z_t = sqrt(ᾱ_t) z0 + sqrt(1 - ᾱ_t) ε,  L = ‖UNet(z_t, t, c(y)) - target‖²
 
-with target ε or v as the pipeline's scheduler predicts. After every optimiser step every other row of
-the embedding matrix is restored, so the saved pipeline differs from the input only in those rows.
+with target ε or v as the pipeline's scheduler predicts. The learned rows are their own small parameter
+(:class:`PlaceholderRows`, ``[K, D]``) spliced into the token-embedding output by a forward hook, and
+written into the embedding matrix at the end, so the saved pipeline differs from the input only in those
+rows, and the optimiser state (and a checkpoint) is K rows, not the whole 49408-row table.
+
+Resumable: the loop ``accelerator.save_state``s the rows, the AdamW state, the LR schedule, the
+``torch.Generator`` of batches/timesteps/noise and the step every ``checkpoint_every_steps`` steps and at
+its end (``synth.checkpoint``); a re-run continues from the newest checkpoint with identical results.
 
 Precision: the frozen VAE and UNet run in the dtype they were loaded in (float16/bfloat16 on a GPU);
 the text encoder, and so the learned rows, is trained in float32 and cast back afterwards.
@@ -23,11 +29,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from pydantic import Field
+from torch import nn
 
 from oodforge.config import StrictModel
-from oodforge.progress import progress
 from oodforge.tokens import add_placeholder_tokens
+from synth.checkpoint import GeneratorState, Stage
 from synth.fit import _cosine, prompt_ids
 
 
@@ -43,6 +51,11 @@ class InvertConfig(StrictModel):
         dtype: Dtype the pipeline is loaded in (the frozen VAE and UNet run in it).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1`` ...
         gradient_checkpointing: Recompute UNet activations in the backward pass (less GPU memory).
+        resolution: Side the ID images are resized to for training (and fidelity samples are drawn at);
+            default: the pipeline's own (:func:`pipeline_resolution`, 512 for Stable Diffusion 1.5). A
+            multiple of the VAE's downsampling factor (8 for SD).
+        checkpoint_every_steps: Save the loop's accelerate state this often (and at its end).
+        keep_checkpoints: How many of those checkpoints to keep.
     """
 
     steps: int = Field(1000, ge=1)
@@ -53,11 +66,26 @@ class InvertConfig(StrictModel):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "auto"
     gradient_checkpointing: bool = False
+    resolution: int | None = Field(None, ge=8)
+    checkpoint_every_steps: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
 
 
 def pipeline_resolution(pipe) -> int:
     """Side of the images the pipeline was trained on: UNet sample size times the VAE's downsampling."""
     return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def training_resolution(pipe, cfg: InvertConfig) -> int:
+    """``cfg.resolution`` or the pipeline's own; an error names a size the VAE cannot encode."""
+    size = cfg.resolution or pipeline_resolution(pipe)
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if size % factor:
+        raise ValueError(
+            f"invert.resolution={size} is not a multiple of the VAE's downsampling factor {factor}; "
+            f"use e.g. {max(factor, size // factor * factor)}"
+        )
+    return size
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -77,15 +105,39 @@ def encode(vae, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (dist.mean.float() + dist.std.float() * noise) * vae.config.scaling_factor
 
 
-def _freeze(pipe, cfg: InvertConfig) -> torch.nn.Parameter:
-    """Freeze every weight, put the text encoder in float32 and return its (trainable) embedding table."""
+class PlaceholderRows(nn.Module):
+    """The trainable placeholder-token rows ``[K, D]`` (float32), spliced into a token-embedding output.
+
+    ``splice(input_ids, embeds)`` replaces the embedding of every position whose id is a placeholder id
+    with that placeholder's row, so gradients reach ``rows`` exactly as they would reach those rows of
+    the full table.
+    """
+
+    def __init__(self, table: torch.Tensor, token_ids: list[int]) -> None:
+        super().__init__()
+        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long, device=table.device))
+        self.rows = nn.Parameter(table.detach()[token_ids].clone().float())
+
+    def splice(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        match = input_ids.unsqueeze(-1) == self.token_ids  # [B, L, K]
+        if not bool(match.any()):
+            return embeds
+        rows = match.to(self.rows.dtype) @ self.rows  # [B, L, D]; each position matches at most one id
+        return torch.where(match.any(-1, keepdim=True), rows.to(embeds.dtype), embeds)
+
+    @torch.no_grad()
+    def write_into(self, table: torch.Tensor) -> None:
+        """Copy the learned rows into the embedding matrix (in its dtype)."""
+        table[self.token_ids] = self.rows.to(table.dtype)
+
+
+def _freeze(pipe, cfg: InvertConfig) -> None:
+    """Freeze every weight and put the text encoder in float32 (the learned rows train in float32)."""
     for module in (pipe.vae, pipe.unet, pipe.text_encoder):
         module.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     pipe.text_encoder.to(torch.float32)
-    table = pipe.text_encoder.get_input_embeddings().weight
-    return table.requires_grad_(True)
 
 
 def fit_tokens(
@@ -96,39 +148,44 @@ def fit_tokens(
     cfg: InvertConfig,
     gen: torch.Generator,
     log: Callable[[dict, int], None],
+    stage: Stage,
 ) -> None:
     """Learn the placeholder-token rows of ``pipe`` on class-labelled images, in place.
 
     Args:
         pipe: A diffusers ``StableDiffusionPipeline`` (placeholder tokens are added if missing).
-        images: ID train images ``[N, 3, H, W]`` in [-1, 1] on the CPU; resized per batch to the
-            pipeline's resolution.
+        images: ID train images ``[N, 3, H, W]`` in [-1, 1] on the CPU; resized per batch to
+            :func:`training_resolution`.
         labels: Class index of each image ``[N]``.
         class_names: ID class names, in label order.
-        cfg: Steps, learning rate, batch size, time budget.
-        gen: CPU random generator (batches, timesteps, noise).
-        log: ``log(values, step)`` receives the loss every 50 steps.
+        cfg: Steps, learning rate, batch size, time budget, checkpoint interval.
+        gen: CPU random generator (batches, timesteps, noise); checkpointed with the loop.
+        log: ``log(values, step)`` receives the loss every 50 steps and at the last step.
+        stage: Where the loop checkpoints; it resumes from the newest checkpoint there.
 
     Every weight other than the placeholder rows is bit-identical afterwards; the text encoder is
     returned in the dtype it came in.
     """
     token_ids = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, class_names)
     text_dtype, device = pipe.text_encoder.dtype, pipe.unet.device
-    table = _freeze(pipe, cfg)
-    keep = torch.ones(len(table), dtype=torch.bool, device=table.device)
-    keep[token_ids] = False
-    original = table.detach()[keep].clone()
+    _freeze(pipe, cfg)
+    embedding = pipe.text_encoder.get_input_embeddings()
+    learned = PlaceholderRows(embedding.weight, token_ids)
     # the training noise schedule of the pipeline's own scheduler (same betas and prediction type)
     from diffusers import DDPMScheduler
 
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = noise_sched.config.prediction_type
     ids, _ = prompt_ids(pipe.tokenizer, class_names)
-    size = pipeline_resolution(pipe)
-    opt = torch.optim.AdamW([table], lr=cfg.lr, weight_decay=1e-2)
+    size = training_resolution(pipe, cfg)
+    accelerator = Accelerator(device_placement=False)
+    opt = torch.optim.AdamW(learned.parameters(), lr=cfg.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, cfg.steps, cfg.warmup_steps))
+    learned, opt, sched = accelerator.prepare(learned, opt, sched)
+    done = stage.begin(accelerator, GeneratorState(gen))
+    hook = embedding.register_forward_hook(lambda _m, args, out: learned.splice(args[0], out))
     started = time.perf_counter()
-    bar = progress(range(cfg.steps), desc="textual inversion")
+    bar = stage.steps(done, cfg.steps, desc="textual inversion")
     try:
         for step in bar:
             idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
@@ -144,18 +201,20 @@ def fit_tokens(
             ).sample
             target = noise if prediction == "epsilon" else noise_sched.get_velocity(z0, noise, t)
             loss = F.mse_loss(pred.float(), target)
-            loss.backward()
+            accelerator.backward(loss)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                table[keep] = original  # only the placeholder rows may change
             if step % 50 == 0 or step == cfg.steps - 1:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 log({"invert/loss": loss.item()}, step)
+            stage.step_done(accelerator, done)
             if cfg.max_minutes and time.perf_counter() - started > 60 * cfg.max_minutes:
                 log({"invert/stopped_at_step": step}, step)
                 break
+        bar.close()
+        stage.finish(accelerator, done)
     finally:
-        table.requires_grad_(False)
+        hook.remove()
+        learned.write_into(embedding.weight)
         pipe.text_encoder.to(text_dtype)

@@ -64,7 +64,9 @@ def test_misspelled_key_fails_before_work(tmp_path: Path) -> None:
     assert not (tmp_path / "gen").exists()
 
 
-def test_failed_fit_resumes_from_its_finished_vae_stage(tmp_path: Path) -> None:
+def test_failed_fit_resumes_from_its_finished_stages(tmp_path: Path) -> None:
+    """A fit that fails after training (here: a fidelity judge for other classes) keeps both stages'
+    final checkpoints; the re-run restores them instead of training again."""
     model = build_classifier(
         BackboneConfig(options={"embedding_size": 8, "hidden_sizes": [8], "depths": [1]}), 3
     )
@@ -72,8 +74,26 @@ def test_failed_fit_resumes_from_its_finished_vae_stage(tmp_path: Path) -> None:
                               class_names=["a", "b", "c"], val_scores=np.zeros(1)).save(tmp_path / "wrong")  # fmt: skip
     first = run(tmp_path, f"fidelity.classifier={tmp_path / 'wrong'}")
     assert first.returncode == 2 and "has classes" in first.stderr
-    assert (tmp_path / ".gen.work" / "vae-stage" / "stage.json").is_file() and not (tmp_path / "gen").exists()
+    assert "its checkpoints are kept in" in first.stdout and not (tmp_path / "gen").exists()
+    for stage in ("vae", "unet"):
+        (final,) = (tmp_path / ".gen.work" / "checkpoints" / stage).glob("step_*")
+        assert json.loads((final / "stage.json").read_text())["finished"] is True
     second = run(tmp_path, f"fidelity.classifier={tmp_path / 'none'}")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "reusing the fitted VAE" in second.stdout and (tmp_path / "gen" / CARD_FILE).is_file()
+    assert "vae: finished earlier" in second.stdout and "unet: finished earlier" in second.stdout
+    assert (tmp_path / "gen" / CARD_FILE).is_file()
     assert not (tmp_path / ".gen.work").exists()
+
+
+def test_changed_config_starts_the_stage_again(tmp_path: Path) -> None:
+    """Checkpoints of a run with another UNet learning rate are discarded (the VAE stage is kept)."""
+    model = build_classifier(
+        BackboneConfig(options={"embedding_size": 8, "hidden_sizes": [8], "depths": [1]}), 3
+    )
+    ClassifierDetector.create(name="wrong", model=model, score=build_score("msp"), preprocess=Preprocess(),
+                              class_names=["a", "b", "c"], val_scores=np.zeros(1)).save(tmp_path / "wrong")  # fmt: skip
+    assert run(tmp_path, f"fidelity.classifier={tmp_path / 'wrong'}").returncode == 2
+    second = run(tmp_path, "fit.unet_lr=0.002", f"fidelity.classifier={tmp_path / 'none'}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "vae: finished earlier" in second.stdout
+    assert "unet: the checkpoints in" in second.stdout and "changed: fit.unet_lr" in second.stdout
