@@ -84,7 +84,7 @@ lint: setup
 clean:
 	rm -rf runs generators outliers eval.json .pytest_cache
 
-# real-architecture rehearsal on CPU (~15-25 min on 2 cores, so not part of `make test`): random-weight
+# real-architecture rehearsal on CPU (~7 min on 2 cores, so not part of `make test`): random-weight
 # SD-1.5 UNet/VAE/CLIP-L text encoder + 49,408-token CLIP tokenizer and a ResNet-18, saved as Hub snapshots,
 # through every stage's own command on CIFAR-format random images at 64x64 (bench/real_scale_rehearsal.py).
 # CLIP's BPE merges file is read from the open_clip_torch wheel, downloaded here (not installed); without

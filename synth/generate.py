@@ -54,7 +54,7 @@ class SynthConfig(StrictModel):
 
     seed: int = 0
     data: DataConfig = DataConfig()
-    teacher: Path = Path("runs/teacher/detector")
+    teacher: Path = Path("runs/demo/teacher/detector")
     generator: GeneratorConfig = GeneratorConfig()
     sampler: SamplerParams = SamplerParams()
     filter: FilterConfig = FilterConfig()

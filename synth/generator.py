@@ -35,7 +35,7 @@ SCHEDULERS: dict[str, str | None] = {
 class GeneratorConfig(StrictModel):
     """Which pipeline to load and how to sample it (``scheduler``: a key of :data:`SCHEDULERS`)."""
 
-    pretrained: str = "generators/tiny-mnist-open"
+    pretrained: str = "runs/demo/generator"
     revision: str | None = None
     dtype: str = "float32"
     device: str = "auto"

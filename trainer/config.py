@@ -113,7 +113,7 @@ class TrainConfig(StrictModel):
     model: BackboneConfig = BackboneConfig()
     init_from: Path | None = Field(
         None,
-        description="a detector directory whose weights start the model (fine-tuning), e.g. runs/ce/detector",
+        description="a detector directory whose weights start the model (fine-tuning), e.g. runs/demo/ce/detector",
     )
     preprocess: Preprocess = Preprocess()
     optim: OptimConfig = OptimConfig()

@@ -2,9 +2,9 @@
 
 CLI::
 
-    python -m trainer.evaluate --detector runs/ce/detector --benchmark mnist-open --out eval.json \
+    python -m trainer.evaluate --detector runs/demo/ce/detector --benchmark mnist-open --out eval.json \
         --scores msp,energy,knn
-    python -m trainer.evaluate --detector runs/ce/detector --scores all --score-params react.percentile=90,vim.dim=64
+    python -m trainer.evaluate --detector runs/demo/ce/detector --scores all --score-params react.percentile=90,vim.dim=64
     python -m trainer.evaluate --detector runs/dense_flow/detector --benchmark mnist-scenes \
         --scores js,msp,energy --report eval_dense/      # dense detectors: pixel AP, FPR@95, AUROC, mIoU
 

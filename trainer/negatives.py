@@ -72,7 +72,7 @@ class NegativesConfig(StrictModel):
     sources: list[str] = []
     beta: float = Field(0.03, ge=0)
     side: tuple[int, int] = (12, 28)
-    synth_dir: Path = Path("outliers/mnist-open")
+    synth_dir: Path = Path("runs/demo/outliers")
     flow: FlowConfig = FlowConfig()
 
 
@@ -177,7 +177,7 @@ class SynthNegatives(NegativeSource):
             images = OutlierDataset.load(cfg.synth_dir).images()
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(
-                f"negatives.synth_dir: {err} (make demo generates outliers/mnist-open)"
+                f"negatives.synth_dir: {err} (make demo generates runs/demo/outliers)"
             ) from None
         grey = np.stack(
             [np.asarray(images[i][0].convert("L"), dtype=np.float32) / 255.0 for i in range(len(images))]

@@ -8,7 +8,7 @@ sets ``kind`` and its ``Head`` model (the spec's kind-specific section), impleme
 tensors, saving, loading with checksums, ``describe`` for the API and reports — is shared.
 
 Example:
-    >>> detector = Detector.load("runs/oal/detector")     # any kind: the registry picks the class
+    >>> detector = Detector.load("runs/demo/oal/detector")     # any kind: the registry picks the class
     >>> out = detector.predict([PIL.Image.open("x.png")])
     >>> out.scores, out.is_ood, out.label_names()
 """

@@ -30,7 +30,7 @@ from oodforge.registry import Registry
 from trainer.config import TrainConfig
 from trainer.losses.outlier import EnergyHead, energy_margin_loss, oe_loss
 
-GENERATE = "python -m synth generate --config configs/synth/mnist_open.yaml --out outliers/mnist-open"
+GENERATE = "python -m synth generate --config configs/synth/mnist_open.yaml --out runs/demo/outliers"
 
 
 class PixelTermArgs(StrictModel):
@@ -141,6 +141,6 @@ class PixelOutlierArgs(PixelTermArgs):
         outlier_batch_size: outlier images per step (per process); the ID batch size when unset.
     """
 
-    outliers: Path = Path("outliers/mnist-open")
+    outliers: Path = Path("runs/demo/outliers")
     weight: float | None = Field(None, ge=0)
     outlier_batch_size: int | None = Field(None, ge=1)

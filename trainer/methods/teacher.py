@@ -22,7 +22,7 @@ from trainer.config import TrainConfig
 from trainer.methods.base import METHODS, Plan
 from trainer.methods.ce import CrossEntropy
 
-FIT_GENERATOR = "python -m synth fit-generator --config configs/synth/tiny_mnist_open.yaml --out generators/tiny-mnist-open"
+FIT_GENERATOR = "python -m synth fit-generator --config configs/synth/tiny_mnist_open.yaml --out runs/demo/generator"
 GENERATOR_PARTS = ("tokenizer", "text_encoder")
 
 
