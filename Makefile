@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 NPROC      := $(shell nproc 2>/dev/null || echo 2)
 
 GENERATOR  ?= generators/tiny-mnist-open
-DEMO       ?= runs/demo
+DEMO       ?= runs
 ASSETS     := oodforge/assets
 
 HOST         ?= 127.0.0.1

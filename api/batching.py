@@ -61,7 +61,7 @@ class MicroBatcher:
         batching: Batching,
         on_batch: Callable[[int], None] | None = None,
         on_stage: Callable[[str, float], None] | None = None,
-    ):
+    ) -> None:
         self.detector = detector
         self.max_batch_size = batching.max_batch_size
         self.max_wait = batching.max_wait_ms / 1000.0
@@ -74,10 +74,12 @@ class MicroBatcher:
         self._incoming = 0
 
     async def start(self) -> None:
+        """Start the background batching task (once; later calls do nothing)."""
         if self._task is None:
             self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        """Cancel the batching task and shut down its worker thread, dropping queued work."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -71,6 +71,7 @@ class DetectorTable:
 
     @classmethod
     def load(cls, settings: ServeSettings) -> DetectorTable:
+        """Load the detectors under ``settings.detectors_dir``, recording failures instead of raising."""
         root = Path(settings.detectors_dir)
         load_plugins(settings.plugins)
         paths = discover(root, settings.detectors)
@@ -100,6 +101,7 @@ class DetectorTable:
 
     @property
     def ready(self) -> bool:
+        """Whether the default detector is loaded, so requests without a name can be served."""
         return self.default is not None and self.default in self.detectors
 
     def names_with_maps(self) -> list[str]:

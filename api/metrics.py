@@ -66,6 +66,7 @@ class ServerMetrics:
         self._stages[stage].observe(seconds)
 
     def exposition(self) -> bytes:
+        """The metrics in Prometheus text format (aggregated over worker processes in multiprocess mode)."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
@@ -73,6 +74,7 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
     def observe_verdicts(self, detector: str, is_ood: Any) -> None:
+        """Count one request's images and their OOD / ID verdicts for ``detector``."""
         n_ood = int(sum(bool(v) for v in is_ood))
         self.images.labels(detector).inc(len(is_ood))
         self.verdicts.labels(detector, "ood").inc(n_ood)
@@ -82,11 +84,12 @@ class ServerMetrics:
 class MetricsMiddleware:
     """Times and counts every HTTP request, labelled by its route template (``/detectors/{name}``)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics):
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
         self.app = app
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on to the app, recording an HTTP request's count, latency and error status."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -166,6 +166,7 @@ async def score(
     ] = None,
     maps: Annotated[bool, Query(description=_MAPS_DOC)] = False,
 ) -> Response:
+    """Score the uploaded images with one detector and answer the JSON verdicts (and maps if asked)."""
     state = request.app.state
     name, model = state.table.get(detector)
     if maps and not model.has_maps:
@@ -193,6 +194,7 @@ async def score(
     "/detectors", response_model=DetectorList, dependencies=[Depends(require_api_key)], responses=_ERRORS
 )
 async def list_detectors(request: Request) -> DetectorList:
+    """List the loaded detectors, the default one, and those that failed to load."""
     table = request.app.state.table
     return DetectorList(
         default=table.default,
@@ -208,6 +210,7 @@ async def list_detectors(request: Request) -> DetectorList:
     responses=_ERRORS,
 )
 async def get_detector(request: Request, name: str) -> DetectorInfo:
+    """Describe the detector called ``name``."""
     table = request.app.state.table
     name, model = table.get(name)
     return detector_info(name, model, table.default)

@@ -41,6 +41,8 @@ def _absent_when_none(schema: dict[str, Any]) -> None:
 
 
 class ImageResult(BaseModel):
+    """One image's verdict in a score response."""
+
     index: int = Field(..., description="position of the image in the request")
     filename: str | None
     is_ood: bool = Field(..., description="score < threshold")
@@ -64,12 +66,16 @@ class ImageResult(BaseModel):
 
 
 class DetectorRef(BaseModel):
+    """Which detector answered: its name, weights version and creation time."""
+
     name: str
     version: str = Field(..., description="first 12 hex digits of the weights' SHA-256")
     created: str
 
 
 class ThresholdInfo(BaseModel):
+    """The calibrated OOD threshold and how it was chosen."""
+
     value: float
     score: str = Field(
         ...,
@@ -83,12 +89,16 @@ class ThresholdInfo(BaseModel):
 
 
 class ScoreResponse(BaseModel):
+    """The answer to POST /score: the detector, its threshold and a result per image."""
+
     detector: DetectorRef
     threshold: ThresholdInfo
     results: list[ImageResult]
 
 
 class DetectorInfo(BaseModel):
+    """A loaded detector: its kind, classes, score, threshold, input and metrics."""
+
     detector: DetectorRef
     kind: str = Field(
         ...,
@@ -113,16 +123,22 @@ class DetectorInfo(BaseModel):
 
 
 class DetectorList(BaseModel):
+    """The loaded detectors, the default one, and those that failed to load."""
+
     default: str | None
     detectors: list[DetectorInfo]
     failed: dict[str, str] = Field(default_factory=dict, description="name -> why it did not load")
 
 
 class Status(BaseModel):
+    """Liveness or readiness: a status word, the loaded detectors and why others failed."""
+
     status: str
     detectors: list[str] = []
     failed: dict[str, str] = {}
 
 
 class ErrorBody(BaseModel):
+    """An error response: what went wrong."""
+
     detail: str

@@ -189,6 +189,7 @@ class Summary:
     interrupted: bool = False
 
     def add(self, records: list[Record]) -> None:
+        """Count a batch of output records as scored (OOD or not) or unreadable."""
         for record in records:
             if "error" in record:
                 self.unreadable += 1
@@ -198,6 +199,7 @@ class Summary:
                 self.ood += bool(record["is_ood"])
 
     def text(self, out: Path) -> str:
+        """A human-readable report of the run, with the first unreadable files and a resume hint."""
         rate = self.scored / self.seconds if self.seconds > 0 else 0.0
         fraction = f"{self.ood / self.scored:.1%}" if self.scored else "n/a"
         lines = [
@@ -304,6 +306,7 @@ def _drain(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line of ``python -m api.score_dir``."""
     p = argparse.ArgumentParser(prog="python -m api.score_dir", description=__doc__.split("\n\n")[0])
     p.add_argument("dir", type=Path, help="folder tree of images")
     p.add_argument(
@@ -329,6 +332,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Score a folder of images into JSONL and print a summary.
+
+    Returns:
+        The exit status: 0 when the output holds scored images, 1 when it holds none, 2 on bad input,
+        130 when interrupted.
+    """
     args = parse_args(argv)
     if not args.dir.is_dir():
         print(f"{args.dir} is not a directory; pass the folder of images to score", file=sys.stderr)

@@ -155,7 +155,9 @@ def load_settings(
     overrides: list[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ServeSettings:
-    """Settings from ``yaml_file`` (default ``$OODFORGE_SERVE_CONFIG``; none = defaults), then the
+    """Build the server settings from a YAML file, the environment and command-line overrides.
+
+    Later sources win: ``yaml_file`` (default ``$OODFORGE_SERVE_CONFIG``; none = defaults), then the
     ``OODFORGE_*`` environment, then ``overrides`` (``["limits.max_files=8", ...]``).
 
     Raises:

@@ -146,11 +146,13 @@ def _json(body: Any, status: int = 200) -> Response:
 
 @router.get("", dependencies=[Depends(require_api_key)], responses=_ERRORS, summary="Server metadata")
 async def server_metadata() -> Response:
+    """The protocol's server metadata: name, version and supported extensions."""
     return _json({"name": "oodforge", "version": oodforge.__version__, "extensions": ["binary_tensor_data"]})
 
 
 @router.get("/health/live", summary="200 while the server process runs")
 async def live() -> Response:
+    """Answer 200 (the process is alive; no detector needed)."""
     return Response(status_code=200)
 
 
@@ -168,6 +170,7 @@ async def ready(request: Request) -> Response:
     "/models/{name}", dependencies=[Depends(require_api_key)], responses=_ERRORS, summary="Model metadata"
 )
 async def metadata(request: Request, name: ModelName) -> Response:
+    """The metadata of model ``name`` (404 when it is not served)."""
     return _json(model_metadata(*_model(request, name, None)))
 
 
@@ -178,6 +181,7 @@ async def metadata(request: Request, name: ModelName) -> Response:
     summary="Model metadata of one version",
 )
 async def version_metadata(request: Request, name: ModelName, version: Version) -> Response:
+    """The metadata of model ``name`` (404 unless it serves ``version``)."""
     return _json(model_metadata(*_model(request, name, version)))
 
 
@@ -193,6 +197,7 @@ def _model_ready(request: Request, name: str, version: str | None) -> Response:
 
 @router.get("/models/{name}/ready", responses=_ERRORS, summary="200 when the model serves")
 async def model_ready(request: Request, name: ModelName) -> Response:
+    """Answer 200 while model ``name``'s batcher runs, 400 once it has stopped."""
     return _model_ready(request, name, None)
 
 
@@ -200,6 +205,7 @@ async def model_ready(request: Request, name: ModelName) -> Response:
     "/models/{name}/versions/{version}/ready", responses=_ERRORS, summary="200 when that version serves"
 )
 async def version_ready(request: Request, name: ModelName, version: Version) -> Response:
+    """Like ``model_ready``, and 404 unless model ``name`` serves ``version``."""
     return _model_ready(request, name, version)
 
 
@@ -401,6 +407,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     summary="Score images (Open Inference Protocol infer)",
 )
 async def infer(request: Request, name: ModelName) -> Response:
+    """Score the images of an Open Inference Protocol request with model ``name``."""
     return await _infer(request, name, None)
 
 
@@ -412,4 +419,5 @@ async def infer(request: Request, name: ModelName) -> Response:
     summary="Score images with one model version (Open Inference Protocol infer)",
 )
 async def infer_version(request: Request, name: ModelName, version: Version) -> Response:
+    """Like ``infer``, and 404 unless model ``name`` serves ``version``."""
     return await _infer(request, name, version)

@@ -1,7 +1,7 @@
 """One honest comparison of the OOD methods on mnist-open, and the OAL cause study -> BENCHMARKS.md.
 
 Every run uses the same backbone (resnet-tiny), the same data split (data seed 0) and, for the methods
-that use them, the same synth outliers and teacher (``runs/demo/outliers``, ``runs/demo/teacher``: run
+that use them, the same synth outliers and teacher (``runs/outliers``, ``runs/teacher``: run
 ``make demo`` first). The fine-tuning methods start from the CE run of the same seed. Three suites:
 
 * ``methods`` — every method with the score it ships with (OAL: ``export.score: auto``, chosen per run on
@@ -237,7 +237,7 @@ def per_set_table(reports: dict[Entry, list[dict]]) -> list[str]:
 
 def teacher_rows() -> list[str]:
     """The teacher alone (one run, shared by every seed) on each OOD set."""
-    report = json.loads((REPO / "runs/demo/teacher/report.json").read_text())
+    report = json.loads((REPO / "runs/teacher/report.json").read_text())
     lines = []
     for score in ("energy", "knn"):
         if score not in report["scores"]:
@@ -322,7 +322,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     only = set(args.only.split(",")) - {""}
     suites = [s for s in args.suites.split(",") if s]
-    for needed in ("runs/demo/teacher/detector", "runs/demo/outliers/card.json"):
+    for needed in ("runs/teacher/detector", "runs/outliers/card.json"):
         if not (REPO / needed).exists():
             raise SystemExit(
                 f"{needed} is missing; run `make demo` first (it builds the teacher and outliers)"
@@ -357,7 +357,7 @@ def main() -> None:
         },
         figure,
     )
-    card = json.loads((REPO / "runs/demo/outliers/card.json").read_text())
+    card = json.loads((REPO / "runs/outliers/card.json").read_text())
     causes = {CE: ce_runs, **results["causes"]}
     methods = results["methods"]
     write_section(
@@ -368,7 +368,7 @@ Measured {today()} on {machine()}; command `.venv/bin/python bench/compare_metho
 of training in this invocation; finished runs are reused; runs in `{OUT}/`). Same backbone (`resnet-tiny`),
 same data split (data seed 0), seeds {", ".join(map(str, seeds))}; ce, vos and isomax_plus train 15 epochs
 from scratch; oe, energy_margin and oal fine-tune the CE run of the same seed for 10 epochs. Outliers:
-`runs/demo/outliers` (counts {card.get("counts")}), teacher `runs/demo/teacher` (one set for all seeds). ID
+`runs/outliers` (counts {card.get("counts")}), teacher `runs/teacher` (one set for all seeds). ID
 accuracy on the 600 ID test images; near = digits 6-9, far = mean of faces, textures, photos, noise.
 FPR@95 (ours): share of OOD images accepted at the threshold that accepts 95% of ID test images. Cells:
 mean ± std over seeds, %. `auto`: the score `export.score: auto` chose in each run (seed 0, 1, 2) on ID

@@ -11,7 +11,7 @@ scenes, their ground-truth anomaly masks and the seed-0 maps of every variant si
     .venv/bin/python bench/dense_bench.py --fresh    # retrain everything
     .venv/bin/python bench/dense_bench.py --seeds 0 --only none,flow   # a quick partial look (no write)
 
-The ``synth`` source reads ``runs/demo/outliers`` (``make demo`` writes it).
+The ``synth`` source reads ``runs/outliers`` (``make demo`` writes it).
 """
 
 from __future__ import annotations

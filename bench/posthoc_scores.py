@@ -56,6 +56,8 @@ def evaluate_run(run: Path, args: argparse.Namespace) -> dict[str, Any]:
     ]
     if args.score_params:
         command += ["--score-params", args.score_params]
+    if args.selection_outliers:
+        command += ["--selection-outliers", str(args.selection_outliers)]
     stamp = run / (EVAL_FILE + ".args")
     fresh_enough = out.is_file() and out.stat().st_mtime > (detector / "model.safetensors").stat().st_mtime
     if not args.fresh and fresh_enough and stamp.is_file() and json.loads(stamp.read_text()) == command:
@@ -72,13 +74,23 @@ def table(results: dict[str, dict[str, Any]]) -> list[str]:
     names = [n for n in runs[0]["scores"] if all(n in r["scores"] for r in runs)]
     conventions = [("ours", lambda per: per), ("OpenOOD", lambda per: per.get(OPENOOD) or {})]
     head = [f"{label} {group} {title}" for label, _ in conventions for group, _, title in COLUMNS]
+    selecting = all("selection" in r for r in runs)
+    if selecting:
+        head.append("selection: val vs held-out synth FPR@95 ↓ (runs choosing it)")
     lines = ["| score | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
     for name in names:
         cells = []
+        if selecting:
+            per = [r["selection"]["candidates"].get(name) for r in runs]
+            chosen = sum(r["selection"]["chosen"] == name for r in runs)
+            mark = f" ({chosen}/{len(runs)})" if chosen else ""
+            selection_cell = "–" if None in per else mean_std([c["fpr95"] for c in per]) + mark
         for _, pick in conventions:
             for group, key, _ in COLUMNS:
                 values = [pick(r["scores"][name]).get(group, {}).get(key) for r in runs]
                 cells.append("–" if None in values else mean_std(values))
+        if selecting:
+            cells.append(selection_cell)
         kind = " (gradient pass)" if any(name in r.get("gradient_pass", []) for r in runs) else ""
         lines.append(f"| {name}{kind} | " + " | ".join(cells) + " |")
     return lines
@@ -113,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-params", default=None, help="e.g. react.percentile=90,vim.dim=64")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown here (printed either way)")
     parser.add_argument("--fresh", action="store_true", help="re-evaluate even when a cached result exists")
+    parser.add_argument(
+        "--selection-outliers",
+        type=Path,
+        default=None,
+        help="synth dataset: add the selection column (ID val vs its held-out outliers) and name the winner",
+    )
     args = parser.parse_args(argv)
     results = {str(run): evaluate_run(run, args) for run in args.runs}
     text = markdown(results, args.benchmark)

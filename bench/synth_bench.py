@@ -1,6 +1,6 @@
 """Synthesis benchmarks -> BENCHMARKS.md: FAISS vs brute-force numpy kNN filtering, and images/s.
 
-    .venv/bin/python bench/synth_bench.py [--generator runs/demo/generator] [--images 64]
+    .venv/bin/python bench/synth_bench.py [--generator runs/generator] [--images 64]
 
 1. ID-near filtering cost: k-th NN distance of 20,000 queries against a 100,000 x 64 bank, with the
    FAISS path the filter uses and with a chunked brute-force numpy computation, in one run, as a ratio.
@@ -71,7 +71,7 @@ def generation_rate(generator_dir: str, n: int, batch: int = 32) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--generator", default="runs/demo/generator")
+    parser.add_argument("--generator", default="runs/generator")
     parser.add_argument("--images", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())

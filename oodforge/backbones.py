@@ -141,13 +141,16 @@ class CosineHead(nn.Module):
 
     @property
     def in_features(self) -> int:
+        """Width of the embeddings the head takes (the anchors' dimension D)."""
         return self.anchors.shape[1]
 
     @property
     def out_features(self) -> int:
+        """Number of classes (anchors) the head scores."""
         return self.anchors.shape[0]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Cosine logits ``[N, K]`` of embeddings ``z`` ``[N, D]`` against the anchors."""
         return cosine_logits(z, self.anchors, self.tau)
 
 
@@ -251,6 +254,7 @@ class Classifier(nn.Module):
 
     @property
     def hf_config(self) -> PretrainedConfig:
+        """The wrapped Hugging Face model's config."""
         return self.body.config
 
     @property

@@ -58,6 +58,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
+    """Render a pydantic error as one readable line per wrong key of the config from ``source``."""
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "<root>"
@@ -81,6 +82,7 @@ def validate(cls: type[M], data: dict[str, Any], source: str = "<dict>") -> M:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file holding a mapping (empty file = ``{}``), raising ConfigError when it cannot."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; the shipped configs are under configs/")

@@ -193,8 +193,10 @@ def openood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 
 
 
 def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95) -> dict[str, Any]:
-    """Ours ``{"auroc", "fpr95", "aupr_in", "aupr_out"}`` and the same four in OpenOOD's convention under
-    ``"openood"``, for one OOD set (``fpr95`` is the FPR at ``tpr``)."""
+    """Our ``{"auroc", "fpr95", "aupr_in", "aupr_out"}`` for one OOD set, plus OpenOOD's under ``"openood"``.
+
+    ``"openood"`` holds the same four in OpenOOD's convention; ``fpr95`` is the FPR at ``tpr``.
+    """
     id_scores, ood_scores = _as_scores("id_scores", id_scores), _as_scores("ood_scores", ood_scores)
     return {
         "auroc": auroc(id_scores, ood_scores),

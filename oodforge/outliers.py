@@ -83,8 +83,10 @@ _RUN_HINT = "re-run the same synth command to resume and finalize it"
 
 
 def is_holdout(record_id: str, fraction: float = HOLDOUT_FRACTION) -> bool:
-    """Whether an outlier belongs to the held-out part: a fixed function of its id (SHA-256), so every
-    run, method and process agrees without any shared state."""
+    """Whether an outlier belongs to the held-out part, decided by the SHA-256 of its id.
+
+    It is a fixed function of the id, so every run, method and process agrees without any shared state.
+    """
     digest = int.from_bytes(hashlib.sha256(record_id.encode()).digest()[:8], "big")
     return digest < fraction * 2**64
 

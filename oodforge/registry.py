@@ -23,6 +23,8 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        """Decorator that registers its object under ``name`` (a name may be registered only once)."""
+
         def add(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
@@ -32,6 +34,7 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
+        """The object registered as ``name``; a KeyError lists the registered names."""
         try:
             return self._items[name]
         except KeyError:
@@ -40,6 +43,7 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:

@@ -83,6 +83,7 @@ class TinyFCN(nn.Module):
         self.classifier = nn.Conv2d(w1, config.num_classes, 1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Per-pixel class logits ``[N, C, H, W]`` of images ``[N, 3, H, W]``."""
         x1 = self.stem(pixel_values)
         x2 = self.down1(x1)
         x3 = self.down2(x2)
@@ -126,6 +127,7 @@ class SegformerLogits(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Per-pixel class logits of images ``[N, 3, H, W]`` (at the model's output resolution)."""
         return self.model(pixel_values=pixel_values).logits
 
 
@@ -168,6 +170,7 @@ class Segmenter(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Per-pixel class logits ``[N, C, H, W]``, upsampled to the input's size when needed."""
         logits = self.model(pixel_values)
         if logits.shape[-2:] != pixel_values.shape[-2:]:
             logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)

@@ -11,9 +11,13 @@ from __future__ import annotations
 import re
 import unicodedata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def placeholder_token(class_name: str) -> str:
@@ -29,7 +33,9 @@ def placeholder_token(class_name: str) -> str:
     return f"<ood-{slug}>"
 
 
-def add_placeholder_tokens(tokenizer, text_encoder: nn.Module, class_names: list[str]) -> list[int]:
+def add_placeholder_tokens(
+    tokenizer: PreTrainedTokenizerBase, text_encoder: nn.Module, class_names: list[str]
+) -> list[int]:
     """Ensure every class has its placeholder token; new rows start at the class name's mean embedding.
 
     Tokens that already exist (a generator fitted with them) keep their learned embedding.
@@ -54,7 +60,9 @@ def add_placeholder_tokens(tokenizer, text_encoder: nn.Module, class_names: list
     return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
 
 
-def class_anchors(tokenizer, text_encoder: nn.Module, class_names: list[str]) -> torch.Tensor:
+def class_anchors(
+    tokenizer: PreTrainedTokenizerBase, text_encoder: nn.Module, class_names: list[str]
+) -> torch.Tensor:
     """T(y): the placeholder-token embedding rows ``[K, D]`` (tokens are added first if missing)."""
     ids = add_placeholder_tokens(tokenizer, text_encoder, class_names)
     return text_encoder.get_input_embeddings().weight[ids].detach().clone().float()

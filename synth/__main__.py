@@ -29,6 +29,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m synth fit-generator|generate``; return the exit status (2 on a bad config or input)."""
     parser = argparse.ArgumentParser(
         prog="python -m synth", description="Outlier synthesis with Stable Diffusion."
     )

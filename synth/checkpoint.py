@@ -54,9 +54,11 @@ class StageProgress:
         self.finished = False
 
     def state_dict(self) -> dict[str, Any]:
+        """The step and the finished flag, as saved in a checkpoint."""
         return {"step": self.step, "finished": self.finished}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the step and the finished flag from :meth:`state_dict` output."""
         self.step, self.finished = int(state["step"]), bool(state["finished"])
 
 
@@ -67,9 +69,11 @@ class GeneratorState:
         self.generator = generator
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The generator's RNG state, as saved in a checkpoint."""
         return {"rng_state": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the generator's RNG state from :meth:`state_dict` output."""
         self.generator.set_state(state["rng_state"])
 
 
@@ -112,7 +116,7 @@ def trim_log(path: Path, prefix: str, step: int) -> None:
 
 @contextmanager
 def _quiet_accelerate() -> Iterator[None]:
-    """accelerate logs every file of every save/load at INFO; keep those out of the fit's output."""
+    """While inside, keep accelerate's per-file INFO log of every save/load out of the fit's output."""
     loggers = [logging.getLogger(name) for name in _ACCELERATE_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

@@ -42,8 +42,10 @@ class TinySDConfig(StrictModel):
 
 
 def words_of(text: str) -> list[str]:
-    """The pieces CLIP's tokenizer splits ``text`` into before BPE: runs of letters, single digits,
-    runs of other symbols (lower-cased; whitespace dropped)."""
+    """The pieces CLIP's tokenizer splits ``text`` into before BPE.
+
+    Those are runs of letters, single digits and runs of other symbols (lower-cased; whitespace dropped).
+    """
     return re.findall(r"[^\W\d_]+|\d|[^\w\s]+|_+", text.lower())
 
 
@@ -77,6 +79,7 @@ def bpe_vocab(words: list[str]) -> tuple[dict[str, int], list[str]]:
 
 
 def build_tokenizer(words: list[str], directory: Path, max_length: int) -> CLIPTokenizer:
+    """Write the vocabulary and merges for ``words`` to ``directory`` and load them as a CLIP tokenizer."""
     directory.mkdir(parents=True, exist_ok=True)
     vocab, merges = bpe_vocab(words)
     (directory / "vocab.json").write_text(json.dumps(vocab))

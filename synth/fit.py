@@ -20,6 +20,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,10 @@ from oodforge.config import StrictModel
 from oodforge.tokens import placeholder_token
 from synth.checkpoint import GeneratorState, Stage
 from synth.generator import PROMPT
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
+    from transformers import PreTrainedTokenizerBase
 
 BOOKKEEPING_KEYS = {"checkpoint_every_steps", "keep_checkpoints", "max_minutes"}
 """Config keys that do not change what a stage computes (left out of its checkpoint fingerprint)."""
@@ -139,7 +144,9 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tens
     return torch.cat(means), torch.cat(stds)
 
 
-def prompt_ids(tokenizer, class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, class_names: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids of each class prompt [K, L] and of the empty prompt [1, L]."""
     prompts = [PROMPT.format(token=placeholder_token(c)) for c in class_names]
     kw = {
@@ -154,8 +161,8 @@ def prompt_ids(tokenizer, class_names: list[str]) -> tuple[torch.Tensor, torch.T
 def fit_unet(
     unet: UNet2DConditionModel,
     text_encoder: torch.nn.Module,
-    tokenizer,
-    scheduler,
+    tokenizer: PreTrainedTokenizerBase,
+    scheduler: DDPMScheduler,
     latents: tuple[torch.Tensor, torch.Tensor],
     labels: torch.Tensor,
     class_names: list[str],

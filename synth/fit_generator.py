@@ -54,7 +54,9 @@ from synth.invert import InvertConfig, fit_tokens, training_resolution
 
 
 class FidelityConfig(StrictModel):
-    classifier: Path = Path("runs/demo/ce/detector")
+    """How fidelity is measured: ``per_class`` class-prompted samples, judged by the ``classifier``."""
+
+    classifier: Path = Path("runs/ce/detector")
     per_class: int = Field(50, ge=1)
     steps: int = 25
     guidance_scale: float = 3.0
@@ -145,8 +147,10 @@ def _jsonl_logger(path: Path) -> Callable[[dict, int], None]:
 def _publish(
     final: Path, card: dict, out: Path, generator_cfg: GeneratorConfig, cfg: FitGeneratorConfig
 ) -> dict:
-    """Write the card into the saved pipeline ``final``, reload it as a generator, add its fidelity to
-    the card, then move ``final`` to ``out`` (replacing what was there)."""
+    """Save the card into the pipeline ``final``, add its measured fidelity, and move it to ``out``.
+
+    The saved pipeline is reloaded as a generator to measure the fidelity; ``out`` is replaced.
+    """
     (final / CARD_FILE).write_text(json.dumps(card, indent=2))
     generator = Generator.load(generator_cfg, card["class_names"])
     card["fidelity"] = measure_fidelity(generator, cfg.fidelity, cfg.seed)
@@ -260,8 +264,10 @@ def _load_pretrained(cfg: FitGeneratorConfig, class_names: list[str]) -> Generat
 
 
 def invert_pretrained(cfg: FitGeneratorConfig, out: Path, command: str = "") -> dict:
-    """Textual inversion of ``cfg.pretrained`` on ID train: learn only the placeholder tokens, save the
-    whole pipeline to ``out`` atomically, return its card."""
+    """Textual inversion of ``cfg.pretrained`` on ID train; return the card of the saved pipeline.
+
+    Only the placeholder tokens are learned; the whole pipeline is saved to ``out`` atomically.
+    """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # batches, timesteps, noise (checkpointed with the loop)
     bench, images, labels = _id_train(cfg.data)
@@ -313,6 +319,7 @@ def invert_pretrained(cfg: FitGeneratorConfig, out: Path, command: str = "") -> 
 
 
 def main_fit(cfg: FitGeneratorConfig, out: Path) -> int:
+    """Run ``fit-generator``: fit the generator, save it to ``out`` and print its fidelity; returns 0."""
     card = fit_generator(cfg, out, command=" ".join(["python -m synth", *sys.argv[1:]]))
     fid = card["fidelity"]
     print(f"saved generator to {out} (fit {card['fit_seconds']:.0f} s)")

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,11 +37,15 @@ log = logging.getLogger("synth.generate")
 
 
 class FilterConfig(StrictModel):
+    """The ID-near filter: neighbour rank ``k`` and the ``quantile`` of ID kNN distances that sets τ_ID."""
+
     k: int = Field(50, ge=1)
     quantile: float = Field(0.95, gt=0, lt=1)
 
 
 class CountsConfig(StrictModel):
+    """How many outliers to make: knn samples per class, kept pixel outliers, and the decoding limits."""
+
     knn_per_class: int = Field(
         200, ge=1, description="boundary samples drawn per class (knn pool candidates)"
     )
@@ -54,7 +59,7 @@ class SynthConfig(StrictModel):
 
     seed: int = 0
     data: DataConfig = DataConfig()
-    teacher: Path = Path("runs/demo/teacher/detector")
+    teacher: Path = Path("runs/teacher/detector")
     generator: GeneratorConfig = GeneratorConfig()
     sampler: SamplerParams = SamplerParams()
     filter: FilterConfig = FilterConfig()
@@ -252,11 +257,12 @@ class _NullWriter:
     def done_ids(self) -> set[str]:
         return set()
 
-    def add_latents(self, *args, **kwargs) -> int:
+    def add_latents(self, *args: Any, **kwargs: Any) -> int:
         return 0
 
 
 def main_generate(cfg: SynthConfig, out: Path) -> int:
+    """Run ``generate``: synthesise the outlier dataset into ``out`` and print its counts; returns 0."""
     card = generate(cfg, out)
     if card:
         counts = card.get("counts", {})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from pydantic import field_validator
 
 from oodforge.config import StrictModel
 from oodforge.tokens import add_placeholder_tokens, placeholder_token
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 CARD_FILE = "oodforge_generator.json"
 PROMPT = "a high-quality image of the {token}"
@@ -35,7 +39,7 @@ SCHEDULERS: dict[str, str | None] = {
 class GeneratorConfig(StrictModel):
     """Which pipeline to load and how to sample it (``scheduler``: a key of :data:`SCHEDULERS`)."""
 
-    pretrained: str = "runs/demo/generator"
+    pretrained: str = "runs/generator"
     revision: str | None = None
     dtype: str = "float32"
     device: str = "auto"
@@ -67,6 +71,7 @@ def _looks_local(name: str) -> bool:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device for ``device`` (``"auto"``: CUDA when available, else CPU)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -75,7 +80,7 @@ def resolve_device(device: str) -> torch.device:
 class Generator:
     """A loaded Stable Diffusion pipeline with one placeholder token per ID class."""
 
-    def __init__(self, pipe, cfg: GeneratorConfig, class_names: list[str]) -> None:
+    def __init__(self, pipe: StableDiffusionPipeline, cfg: GeneratorConfig, class_names: list[str]) -> None:
         self.pipe = pipe
         self.cfg = cfg
         self.class_names = class_names
@@ -139,8 +144,11 @@ class Generator:
 
     @torch.no_grad()
     def prompt_embeds(self, class_index: list[int], vectors: torch.Tensor | None = None) -> torch.Tensor:
-        """Text-encoder outputs of each class prompt; with ``vectors``, the class token's row is v (token
-        substitution) for that prompt only and restored afterwards."""
+        """Text-encoder outputs of each class prompt, optionally with its class token replaced.
+
+        With ``vectors``, the class token's row is v (token substitution) for that prompt only and
+        restored afterwards.
+        """
         table = self.pipe.text_encoder.get_input_embeddings().weight
         out = []
         for i, c in enumerate(class_index):
@@ -181,6 +189,7 @@ class Generator:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Decode SD latents with the pipeline's VAE into RGB images."""
         vae = self.pipe.vae
         x = vae.decode(latents.to(self.device, vae.dtype) / vae.config.scaling_factor).sample
         arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -188,6 +197,7 @@ class Generator:
 
 
 def read_card(pretrained: str | Path) -> dict | None:
+    """The oodforge card saved with a generator at ``pretrained``, or ``None`` when it has none."""
     path = Path(pretrained) / CARD_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,9 @@ from oodforge.config import StrictModel
 from oodforge.tokens import add_placeholder_tokens
 from synth.checkpoint import GeneratorState, Stage
 from synth.fit import _cosine, prompt_ids
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 
 class InvertConfig(StrictModel):
@@ -71,12 +74,12 @@ class InvertConfig(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
 
 
-def pipeline_resolution(pipe) -> int:
+def pipeline_resolution(pipe: StableDiffusionPipeline) -> int:
     """Side of the images the pipeline was trained on: UNet sample size times the VAE's downsampling."""
     return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
-def training_resolution(pipe, cfg: InvertConfig) -> int:
+def training_resolution(pipe: StableDiffusionPipeline, cfg: InvertConfig) -> int:
     """``cfg.resolution`` or the pipeline's own; an error names a size the VAE cannot encode."""
     size = cfg.resolution or pipeline_resolution(pipe)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -98,7 +101,7 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode(vae, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def encode(vae: AutoencoderKL, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Scaled VAE latents of a batch: a sample of the posterior times ``scaling_factor``, in float32."""
     dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
     noise = torch.randn(dist.mean.shape, generator=gen).to(dist.mean.device)
@@ -119,6 +122,7 @@ class PlaceholderRows(nn.Module):
         self.rows = nn.Parameter(table.detach()[token_ids].clone().float())
 
     def splice(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """Replace the embeddings of placeholder-token positions in ``embeds`` with the learned rows."""
         match = input_ids.unsqueeze(-1) == self.token_ids  # [B, L, K]
         if not bool(match.any()):
             return embeds
@@ -131,7 +135,7 @@ class PlaceholderRows(nn.Module):
         table[self.token_ids] = self.rows.to(table.dtype)
 
 
-def _freeze(pipe, cfg: InvertConfig) -> None:
+def _freeze(pipe: StableDiffusionPipeline, cfg: InvertConfig) -> None:
     """Freeze every weight and put the text encoder in float32 (the learned rows train in float32)."""
     for module in (pipe.vae, pipe.unet, pipe.text_encoder):
         module.requires_grad_(False).eval()
@@ -141,7 +145,7 @@ def _freeze(pipe, cfg: InvertConfig) -> None:
 
 
 def fit_tokens(
-    pipe,
+    pipe: StableDiffusionPipeline,
     images: torch.Tensor,
     labels: torch.Tensor,
     class_names: list[str],

@@ -171,3 +171,48 @@ def test_a_vim_detector_serves_what_evaluate_computes(ood_assets: OODAssets, tmp
     # the metrics evaluate reports are the ones of those arrays
     expected = auroc(values["vim/id"], values["vim/faces"])
     assert result["scores"]["vim"]["ood"]["faces"]["auroc"] == pytest.approx(expected, abs=1e-12)
+
+
+def _selection_run(detector: Path, outliers: Path, out: Path) -> dict:
+    args = ["--detector", str(detector), "--out", str(out), "--scores", "energy,msp,max_logit,knn,odin",
+            "--selection-outliers", str(outliers)]  # fmt: skip
+    assert main(args) == 0
+    return json.loads(out.read_text())["selection"]
+
+
+def test_selection_ranks_every_one_pass_score_on_val_vs_held_out_synth(
+    ood_assets: OODAssets, tmp_path: Path
+) -> None:
+    """``--selection-outliers``: the scores ranked as export.score auto ranks them, recomputed here by hand."""
+    from oodforge.outliers import OutlierDataset
+
+    sel = _selection_run(ood_assets.ce, ood_assets.outliers, tmp_path / "a.json")
+    assert set(sel["candidates"]) == {"energy", "msp", "max_logit", "knn"}  # odin needs a gradient pass
+    best = min(sel["candidates"], key=lambda n: (sel["candidates"][n]["fpr95"], -sel["candidates"][n]["auroc"]))
+    assert sel["chosen"] == best and not sel["head_sees_synth_images"]
+    held = OutlierDataset.load(ood_assets.outliers).images("holdout")
+    assert sel["n_outliers"] == len(held)
+    detector = Detector.load(ood_assets.ce)
+    bench = load_benchmark(DataConfig())
+    val = collect(detector.model, bench.val, detector.preprocess)
+    out = collect(detector.model, held, detector.preprocess)
+    energy = detector.score  # the asset's own score, no statistics
+    id_s, ood_s = energy(val.logits, val.features).numpy(), energy(out.logits, out.features).numpy()
+    expected = float(np.mean(ood_s >= np.quantile(id_s, 0.05, method="lower")))
+    assert sel["candidates"]["energy"]["fpr95"] == pytest.approx(expected, abs=1.5 / len(ood_s))
+    assert sel["candidates"]["energy"]["auroc"] == pytest.approx(auroc(id_s, ood_s))
+
+
+def test_selection_leaves_out_head_scores_when_the_head_saw_the_outliers(
+    ood_assets: OODAssets, tmp_path: Path
+) -> None:
+    import shutil
+
+    copy = tmp_path / "det"
+    shutil.copytree(ood_assets.ce, copy)
+    spec = json.loads((copy / "detector.json").read_text())
+    spec["provenance"]["training"]["head_sees_synth_images"] = True
+    (copy / "detector.json").write_text(json.dumps(spec))
+    sel = _selection_run(copy, ood_assets.outliers, tmp_path / "b.json")
+    assert sel["chosen"] == "knn" and set(sel["candidates"]) == {"knn"}
+    assert set(sel["dropped"]) == {"energy", "msp", "max_logit"}

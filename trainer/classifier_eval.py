@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from oodforge.metrics import FPR95_DEFINITION, OPENOOD_FPR95_DEFINITION, accurac
 from oodforge.progress import progress
 from oodforge.scores import ALL, SCORES, Score, build_score, check_score_params
 from trainer.report import summary_markdown, write_report
+from trainer.selection import fair_candidates, load_holdout, select_score
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Source:
     device: str | torch.device = "cpu"
 
     def batches(self, desc: str) -> Any:
+        """The source's pre-processed images in batches, behind a progress bar labelled ``desc``."""
         loader = DataLoader(TransformedSet(self.images, self.preprocess), batch_size=self.batch_size)
         return progress(loader, desc=desc, leave=False)
 
@@ -135,8 +138,11 @@ def fit_scores(
     train: Outputs,
     fitted: dict[str, Score] | None = None,
 ) -> dict[str, Score]:
-    """Build each named score (``all`` expanded); fit those that need ID train statistics or the final
-    layer (unless already ``fitted``). The layer comes from the model that produced ``train``."""
+    """Build each named score (``all`` expanded) and fit those that need ID train statistics.
+
+    Scores that need statistics or the final layer are fitted unless already ``fitted``; the layer comes
+    from the model that produced ``train``.
+    """
     model = train.source.model if train.source else None
     names, skipped = expand_scores(names, model)
     for name, reason in skipped.items():
@@ -268,6 +274,38 @@ def parse_score_params(text: str | None) -> dict[str, dict[str, Any]]:
     return out
 
 
+def rank_on_holdout(
+    detector: ClassifierDetector,
+    scores: dict[str, Score],
+    val: Outputs,
+    outliers: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Every one-pass score ranked on ID val vs the held-out synthetic outliers of ``outliers``.
+
+    The same rule as ``export.score: auto`` (:func:`trainer.selection.select_score`): lowest FPR@95, then
+    highest AUROC; scores through the head are left out when the detector's head trained on those
+    outliers' other part (recorded at export as ``head_sees_synth_images``).
+    """
+    images = load_holdout(outliers).images("holdout")
+    model, preprocess = detector.model, detector.preprocess
+    holdout = collect(model, images, preprocess, args.batch_size, args.device, desc="embed held-out")
+    head_saw = bool(detector.spec.provenance.training.get("head_sees_synth_images", False))
+    one_pass = [n for n, s in scores.items() if not s.needs_grad]
+    names, dropped = fair_candidates(one_pass, head_saw)
+    tpr = detector.spec.calibration.target_id_tpr
+    chosen, table = select_score({n: scores[n] for n in names}, val, holdout, tpr)
+    return {
+        "chosen": chosen,
+        "criterion": "lowest FPR@95 (then highest AUROC): ID val vs held-out synthetic outliers",
+        "outliers": str(outliers),
+        "n_outliers": len(images),
+        "head_sees_synth_images": head_saw,
+        "candidates": table,
+        "dropped": dropped,
+    }
+
+
 def main_classifier(detector: ClassifierDetector, args: argparse.Namespace) -> int:
     """``python -m trainer.evaluate`` for a classifier detector (see :mod:`trainer.evaluate` for the flags)."""
     own_name, own = detector.spec.score.name, detector.score
@@ -308,6 +346,9 @@ def main_classifier(detector: ClassifierDetector, args: argparse.Namespace) -> i
     outputs = collect_benchmark(detector.model, bench, detector.preprocess, args.batch_size, args.device)
     scores = fit_scores(names, params, outputs["train"], fitted=fitted)
     result, values = evaluate_outputs(outputs, bench, scores)
+    selection_dir = getattr(args, "selection_outliers", None)
+    if selection_dir is not None:
+        result["selection"] = rank_on_holdout(detector, scores, outputs["val"], selection_dir, args)
     result.update(
         {
             "detector": str(args.detector),

@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.report import CONVENTIONS, percent
+from trainer.report import CONVENTIONS, Pick, percent
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:
+    """Read ``report.json`` of a finished run; FileNotFoundError when the run has none."""
     path = Path(run_dir) / "report.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; train and evaluate that run first")
@@ -55,7 +56,7 @@ def comparison_markdown(reports: dict[str, dict[str, Any]], scores: list[str] | 
         lines += [first["openood_definition"], ""]
     for _, label, pick in CONVENTIONS:
 
-        def cells(group: str, ood: str | None = None, pick=pick) -> str:
+        def cells(group: str, ood: str | None = None, pick: Pick = pick) -> str:
             out = []
             for n, s in columns:
                 block = pick(reports[n]["scores"][s]) or {}
@@ -89,6 +90,7 @@ def comparison_markdown(reports: dict[str, dict[str, Any]], scores: list[str] | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m trainer.compare``: print (with ``--out``, also write) the comparison; return 0 or 2."""
     parser = argparse.ArgumentParser(description="Compare finished runs side by side.")
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with report.json)")
     parser.add_argument("--out", type=Path, help="write the markdown here (printed either way)")

@@ -1,5 +1,7 @@
-"""Typed configuration of training runs: ``TrainConfig`` (classifiers, ``configs/train/*.yaml``) and
-``DenseTrainConfig`` (segmenters, ``configs/train/dense*.yaml``)."""
+"""Typed configuration of training runs: ``TrainConfig`` (classifiers) and ``DenseTrainConfig`` (segmenters).
+
+``TrainConfig`` reads ``configs/train/*.yaml``; ``DenseTrainConfig`` reads ``configs/train/dense*.yaml``.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from trainer.negatives import NegativesConfig
 
 
 class OptimConfig(StrictModel):
+    """The optimiser (SGD or AdamW) and its learning-rate schedule (warm-up, then cosine or constant)."""
+
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = 0.9
@@ -30,6 +34,8 @@ class OptimConfig(StrictModel):
 
 
 class LoopConfig(StrictModel):
+    """The training loop: epochs, batch sizes, precision, checkpointing, augmentation and logging."""
+
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
@@ -113,7 +119,7 @@ class TrainConfig(StrictModel):
     model: BackboneConfig = BackboneConfig()
     init_from: Path | None = Field(
         None,
-        description="a detector directory whose weights start the model (fine-tuning), e.g. runs/demo/ce/detector",
+        description="a detector directory whose weights start the model (fine-tuning), e.g. runs/ce/detector",
     )
     preprocess: Preprocess = Preprocess()
     optim: OptimConfig = OptimConfig()
@@ -123,6 +129,7 @@ class TrainConfig(StrictModel):
 
     @property
     def run_dir(self) -> Path:
+        """The run's directory, ``output_dir / name``."""
         return self.output_dir / self.name
 
     @model_validator(mode="after")
@@ -143,6 +150,8 @@ class DenseExportConfig(StrictModel):
 
 
 class DenseEvalConfig(StrictModel):
+    """Which pixel scores the dense evaluation reports, and whether it draws map figures."""
+
     scores: list[str] = ["js", "msp", "energy"]
     plots: bool = True
 
@@ -191,6 +200,7 @@ class DenseTrainConfig(StrictModel):
 
     @property
     def run_dir(self) -> Path:
+        """The run's directory, ``output_dir / name``."""
         return self.output_dir / self.name
 
     @model_validator(mode="after")

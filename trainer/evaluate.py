@@ -2,9 +2,9 @@
 
 CLI::
 
-    python -m trainer.evaluate --detector runs/demo/ce/detector --benchmark mnist-open --out eval.json \
+    python -m trainer.evaluate --detector runs/ce/detector --benchmark mnist-open --out eval.json \
         --scores msp,energy,knn
-    python -m trainer.evaluate --detector runs/demo/ce/detector --scores all --score-params react.percentile=90,vim.dim=64
+    python -m trainer.evaluate --detector runs/ce/detector --scores all --score-params react.percentile=90,vim.dim=64
     python -m trainer.evaluate --detector runs/dense_flow/detector --benchmark mnist-scenes \
         --scores js,msp,energy --report eval_dense/      # dense detectors: pixel AP, FPR@95, AUROC, mIoU
 
@@ -64,6 +64,13 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="also write every score's per-image values to this .npz (keys 'score/set', ID test = 'score/id'; "
         "classifier detectors)",
+    )
+    p.add_argument(
+        "--selection-outliers",
+        type=Path,
+        default=None,
+        help="a synth outlier dataset: also rank every (one-pass) score by FPR@95 of ID val vs its held-out "
+        "outliers, as export.score auto does (never test OOD); the result's 'selection' names the winner",
     )
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -39,11 +39,14 @@ class RunConfig(Protocol):
     train: LoopConfig
 
     @property
-    def run_dir(self) -> Path: ...
+    def run_dir(self) -> Path:
+        """The run's directory (checkpoints, logs, report, detector)."""
 
-    def model_dump(self, **kwargs: Any) -> dict[str, Any]: ...
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        """The config as a dict (pydantic's ``model_dump``)."""
 
-    def model_dump_json(self, **kwargs: Any) -> str: ...
+    def model_dump_json(self, **kwargs: Any) -> str:
+        """The config as JSON (pydantic's ``model_dump_json``)."""
 
 
 CHECKPOINT_PREFIX = "step_"
@@ -58,9 +61,11 @@ class Progress:
         self.global_step = 0
 
     def state_dict(self) -> dict[str, int]:
+        """The epoch, step within the epoch and global step, as saved in a checkpoint."""
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the counters from :meth:`state_dict` output."""
         self.epoch, self.step_in_epoch, self.global_step = (
             state["epoch"],
             state["step_in_epoch"],
@@ -69,6 +74,7 @@ class Progress:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories, oldest (lowest step) first."""
     ckpt_dir = run_dir / "checkpoints"
     if not ckpt_dir.is_dir():
         return []
@@ -95,6 +101,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
 
 
 def build_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """SGD (with momentum) or AdamW over the parameter ``groups``, as ``cfg.optim`` says."""
     o = cfg.optim
     if o.name == "sgd":
         return torch.optim.SGD(
@@ -103,7 +110,7 @@ def build_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim
     return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def lr_lambda(cfg: RunConfig, total_steps: int):
+def lr_lambda(cfg: RunConfig, total_steps: int) -> Callable[[int], float]:
     """Linear warm-up then cosine (or constant) decay, as a function of the step."""
     warm = cfg.optim.warmup_steps
 
@@ -119,6 +126,7 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
 
 
 def make_trackers(cfg: RunConfig, log_dir: Path) -> list[Any]:
+    """The Accelerate trackers for ``cfg.train.log_with`` (a ConfigError if TensorBoard is missing)."""
     trackers: list[Any] = []
     for name in cfg.train.log_with:
         if name == "csv":
@@ -135,6 +143,7 @@ def make_trackers(cfg: RunConfig, log_dir: Path) -> list[Any]:
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    """Create the run directory (emptied first with ``overwrite``); old checkpoints need ``resume``."""
     run_dir = cfg.run_dir
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -148,6 +157,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
 
 
 def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to dotted keys; values that are not scalars become JSON strings."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"

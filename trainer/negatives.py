@@ -72,7 +72,7 @@ class NegativesConfig(StrictModel):
     sources: list[str] = []
     beta: float = Field(0.03, ge=0)
     side: tuple[int, int] = (12, 28)
-    synth_dir: Path = Path("runs/demo/outliers")
+    synth_dir: Path = Path("runs/outliers")
     flow: FlowConfig = FlowConfig()
 
 
@@ -91,6 +91,7 @@ class NegativeSource(nn.Module):
         """One-off work before training (e.g. pre-training), given the pre-processed inlier scenes."""
 
     def sample(self, n: int, generator: torch.Generator) -> Patches:
+        """``n`` negative patches, drawn with ``generator``."""
         raise NotImplementedError
 
     def aux_loss(self, scenes: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
@@ -157,12 +158,14 @@ class FlowNegatives(NegativeSource):
         tmp.replace(cache)
 
     def sample(self, n: int, generator: torch.Generator) -> Patches:
+        """``n`` patches sampled from the flow (with gradients; the global RNG, not ``generator``)."""
         del generator  # zuko samples with the global torch RNG (seeded by the trainer)
         c = self.cfg.crop
         pixels = self.flow().rsample((n,)).view(n, 3, c, c)
         return Patches(pixels=pixels, alpha=None)
 
     def aux_loss(self, scenes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The flow's weighted NLL on random crops of the inlier ``scenes`` (trains it jointly)."""
         crops = random_crops(scenes, self.cfg.batch_size, self.cfg.crop, generator)
         return self.cfg.nll_weight * self.nll(crops, generator)
 
@@ -176,9 +179,7 @@ class SynthNegatives(NegativeSource):
         try:
             images = OutlierDataset.load(cfg.synth_dir).images()
         except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(
-                f"negatives.synth_dir: {err} (make demo generates runs/demo/outliers)"
-            ) from None
+            raise ConfigError(f"negatives.synth_dir: {err} (make demo generates runs/outliers)") from None
         grey = np.stack(
             [np.asarray(images[i][0].convert("L"), dtype=np.float32) / 255.0 for i in range(len(images))]
         )
@@ -186,6 +187,7 @@ class SynthNegatives(NegativeSource):
         self.preprocess = preprocess
 
     def sample(self, n: int, generator: torch.Generator) -> Patches:
+        """``n`` random outliers as alpha masks, each filled with a random light colour."""
         idx = torch.randint(0, len(self.alphas), (n,), generator=generator)
         alpha = self.alphas[idx]
         colour = 150.0 + 105.0 * torch.rand(n, 3, 1, 1, generator=generator)

@@ -66,6 +66,7 @@ class OutlierStream:
         self._open(global_step // len(self), global_step % len(self))
 
     def next(self) -> Any:
+        """The next outlier batch (its first field when items are tuples); a new epoch starts at the end."""
         if self._iter is None:
             self.start(0)
         try:

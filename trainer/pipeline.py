@@ -1,7 +1,7 @@
 """One command from image folders to a served OAL detector: CE → generator → teacher → outliers → OAL → report.
 
     python -m trainer.pipeline --data DIR [--ood NAME=DIR[:near|far]]... --out runs/NAME
-    python -m trainer.pipeline --benchmark mnist-open --out runs/demo          # what `make demo` runs
+    python -m trainer.pipeline --benchmark mnist-open --out runs          # what `make demo` runs
     python -m trainer.pipeline --data DIR --pretrained runwayml/stable-diffusion-v1-5 --out runs/NAME
 
 ``DIR`` is an image folder (``DIR/<class>/*`` or ``DIR/{train,val,test}/<class>/*``) or a CIFAR python
@@ -206,7 +206,8 @@ def derive_configs(args: argparse.Namespace, profile: DataProfile, out: Path) ->
     synth = read_yaml(REPO_CONFIGS / "synth" / "mnist_open.yaml")
     synth.update({"data": data, "teacher": str(out / "teacher" / "detector")})
     synth["generator"] = {**synth["generator"], "pretrained": gen_dir}
-    pixel = int(min(600, max(200, profile.n_train // 3)))  # ~30 decoded candidates per kept image on CPU
+    # one kept outlier per two train images, between 200 and the recipe's 1000 (~22 decoded per kept on CPU)
+    pixel = int(min(1000, max(200, profile.n_train // 2)))
     synth["counts"] = {**synth["counts"], "pixel": pixel}
     if args.pretrained:
         synth["generator"].update({"dtype": "float16" if args.device == "cuda" else "float32", "steps": 25})

@@ -102,8 +102,11 @@ def detector_markdown(about: dict[str, Any]) -> str:
 
 
 def render_markdown(result: dict[str, Any], title: str) -> str:
-    """The report: ID accuracy, the detector (when ``result`` has ``detector_info``), a summary table per
-    metric convention and, per convention, a table per metric."""
+    """The markdown report of an evaluation ``result``, headed by ``title``.
+
+    It holds the ID accuracy, the detector (when ``result`` has ``detector_info``), a summary table per
+    metric convention and, per convention, a table per metric.
+    """
     about = result.get("detector_info")
     return "\n".join(
         [

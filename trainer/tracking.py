@@ -28,14 +28,17 @@ class CSVTracker(GeneralTracker):
 
     @property
     def tracker(self) -> Path:
+        """The CSV file the rows go to."""
         return self.path
 
     @on_main_process
     def store_init_configuration(self, values: dict[str, Any]) -> None:
+        """Write the run's hyper-parameters to ``hparams.json``."""
         (self.dir / "hparams.json").write_text(json.dumps(values, indent=2, default=str))
 
     @on_main_process
     def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        """Append a ``step,name,value`` row per numeric value (other values are skipped)."""
         with self.path.open("a", newline="") as f:
             writer = csv.writer(f)
             for key, value in values.items():

@@ -63,6 +63,7 @@ class TrainStep(nn.Module):
     def forward(
         self, batch: tuple[torch.Tensor, torch.Tensor], outliers: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The method's loss on an ID batch and the outlier batches, and its parts for logging."""
         return self.method.loss(self.model, batch, outliers)
 
 
@@ -282,6 +283,7 @@ def finish(
             "seed": cfg.seed,
             "epochs": cfg.train.epochs,
             "score_selection": selection,
+            "head_sees_synth_images": head_sees_synth_images,
         },
     )
     detector_dir = detector.save(run_dir / "detector")
@@ -304,6 +306,7 @@ def finish(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train a classifier detector from the command line (``--config``, ``--set``, ``--resume``...)."""
     return run_cli(
         argv, TrainConfig, train, "Train, evaluate and export an OOD detector.", "configs/train/ce.yaml"
     )

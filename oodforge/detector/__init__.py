@@ -8,7 +8,7 @@
 
 Example:
     >>> from oodforge.detector import Detector
-    >>> detector = Detector.load("runs/demo/oal/detector")
+    >>> detector = Detector.load("runs/oal/detector")
     >>> detector.predict(["digit.png"]).is_ood
 """
 

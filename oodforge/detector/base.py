@@ -8,7 +8,7 @@ sets ``kind`` and its ``Head`` model (the spec's kind-specific section), impleme
 tensors, saving, loading with checksums, ``describe`` for the API and reports — is shared.
 
 Example:
-    >>> detector = Detector.load("runs/demo/oal/detector")     # any kind: the registry picks the class
+    >>> detector = Detector.load("runs/oal/detector")     # any kind: the registry picks the class
     >>> out = detector.predict([PIL.Image.open("x.png")])
     >>> out.scores, out.is_ood, out.label_names()
 """
@@ -73,8 +73,10 @@ def register_kind(name: str) -> Callable[[type[D]], type[D]]:
 
 
 def load_plugins(modules: Sequence[str] = ()) -> list[str]:
-    """Import modules that register detector kinds: ``modules`` and installed ``oodforge.detector_kinds``
-    entry points. Returns the names of the modules imported."""
+    """Import the modules that register detector kinds and return their names.
+
+    Those are ``modules`` and the installed ``oodforge.detector_kinds`` entry points.
+    """
     names = list(modules)
     names += [ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)]
     for name in names:

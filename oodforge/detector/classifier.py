@@ -7,8 +7,8 @@ score's fitted statistics (``score.*``); ``detector.json``'s ``head`` section ho
 Example:
     >>> detector = ClassifierDetector.create(name="ce", model=model, score=score, preprocess=pre,
     ...                                      class_names=names, val_scores=score(val_logits, val_feats))
-    >>> detector.save("runs/demo/ce/detector")
-    >>> out = Detector.load("runs/demo/ce/detector").predict([image])
+    >>> detector.save("runs/ce/detector")
+    >>> out = Detector.load("runs/ce/detector").predict([image])
     >>> out.is_ood, out.scores, out.label_names()
 """
 

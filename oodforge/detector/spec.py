@@ -5,7 +5,7 @@ how it was calibrated, provenance, checksums); the ``head`` section is the kind'
 by the kind's ``Head`` model (:mod:`oodforge.detector.base`).
 
 Example:
-    >>> spec = DetectorSpec.model_validate_json(Path("runs/demo/ce/detector/detector.json").read_text())
+    >>> spec = DetectorSpec.model_validate_json(Path("runs/ce/detector/detector.json").read_text())
     >>> spec.kind, spec.threshold, spec.calibration.target_id_tpr
     ('classifier', 7.31, 0.95)
 """

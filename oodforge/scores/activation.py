@@ -1,10 +1,10 @@
-"""Scores that reshape the penultimate activations (or the last layer) and take the energy of the result:
-ReAct, ASH-P / ASH-B / ASH-S, SCALE and DICE.
+"""Scores that reshape the penultimate activations (or the last layer) and take the energy of the result.
 
-Each needs the final linear layer ``f = W h + b`` (:func:`oodforge.backbones.final_layer`): it keeps
-``W`` and ``b`` in its state, so the artifact is self-contained, and scores
-``energy(W a(h) + b) = lse(W a(h) + b)`` for its shaping ``a``. ASH and SCALE assume non-negative
-activations (the post-ReLU, pooled features of a ResNet), as their papers do.
+They are ReAct, ASH-P / ASH-B / ASH-S, SCALE and DICE. Each needs the final linear layer
+``f = W h + b`` (:func:`oodforge.backbones.final_layer`): it keeps ``W`` and ``b`` in its state, so the
+artifact is self-contained, and scores ``energy(W a(h) + b) = lse(W a(h) + b)`` for its shaping ``a``.
+ASH and SCALE assume non-negative activations (the post-ReLU, pooled features of a ResNet), as their
+papers do.
 
 Percentile rule shared by ASH, SCALE and DICE: of ``n`` values, the ``n − ⌊n·p/100 + ½⌋`` largest are
 kept (``p = 0`` keeps all of them; ties are broken by :func:`torch.topk`).
@@ -148,8 +148,10 @@ class _LayerScore(Score):
 
 @SCORES.register("react")
 class ReAct(_LayerScore):
-    """ReAct: ``lse(W min(h, c) + b)``; ``c`` is the ``percentile``-th percentile of all ID train
-    activations (every unit of every sample, linear interpolation as :func:`numpy.percentile`).
+    """ReAct: ``lse(W min(h, c) + b)``, clipping the activations at a percentile ``c`` of ID train ones.
+
+    ``c`` is the ``percentile``-th percentile of all ID train activations (every unit of every sample,
+    linear interpolation as :func:`numpy.percentile`).
 
     Args:
         percentile: p in [0, 100] (default 90, the paper's). With p = 100, c is the largest train
@@ -167,6 +169,7 @@ class ReAct(_LayerScore):
         self.clip = torch.tensor(float(np.percentile(features.numpy().ravel(), self.percentile)))
 
     def shape(self, features: torch.Tensor) -> torch.Tensor:
+        """``min(h, c)`` elementwise, with ``c`` the clip fitted on ID train."""
         assert self.clip is not None
         return react_clip(features, self.clip)
 
@@ -190,6 +193,7 @@ class AshP(_PercentileShaping):
     name = "ash_p"
 
     def shape(self, features: torch.Tensor) -> torch.Tensor:
+        """Keep each sample's top ``(100 − p)%`` activations, zero the rest; see :func:`ash_prune`."""
         return ash_prune(features, self.percentile)
 
 
@@ -204,6 +208,7 @@ class AshB(_PercentileShaping):
     name = "ash_b"
 
     def shape(self, features: torch.Tensor) -> torch.Tensor:
+        """Set each sample's kept activations to ``s₁ / k``, the rest to 0; see :func:`ash_binarize`."""
         return ash_binarize(features, self.percentile)
 
 
@@ -218,6 +223,7 @@ class AshS(_PercentileShaping):
     name = "ash_s"
 
     def shape(self, features: torch.Tensor) -> torch.Tensor:
+        """Prune as ASH-P and scale what is kept by ``exp(s₁ / s₂)``; see :func:`ash_scale`."""
         return ash_scale(features, self.percentile)
 
 
@@ -236,6 +242,7 @@ class Scale(_PercentileShaping):
         super().__init__(percentile)
 
     def shape(self, features: torch.Tensor) -> torch.Tensor:
+        """``h · exp(s₁ / s₂)`` per sample, without pruning; see :func:`scale_shaping`."""
         return scale_shaping(features, self.percentile)
 
 
@@ -258,7 +265,9 @@ class DICE(_LayerScore):
         self.weight = dice_weight(self.weight, features.mean(dim=0), self.percentile)
 
     def shape(self, features: torch.Tensor) -> torch.Tensor:
+        """The activations unchanged (DICE sparsifies the stored weight instead)."""
         return features
 
     def params(self) -> dict[str, float | int]:
+        """The share of weights dropped, as ``sparsity``."""
         return {"sparsity": self.percentile}

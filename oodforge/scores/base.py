@@ -86,6 +86,7 @@ class Score:
 
     @property
     def is_fitted(self) -> bool:
+        """Whether every fitted tensor in ``state_shapes`` is set (always true for scores without any)."""
         return all(getattr(self, key, None) is not None for key in self.state_shapes)
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:

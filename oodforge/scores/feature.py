@@ -152,6 +152,7 @@ class KNN(Score):
 
     @property
     def is_fitted(self) -> bool:
+        """Whether the bank of ID train features is set."""
         return self.bank is not None
 
     def _set_bank(self, bank: np.ndarray) -> None:
@@ -165,12 +166,14 @@ class KNN(Score):
         logits: torch.Tensor | None = None,
         layer: FinalLayer | None = None,
     ) -> KNN:
+        """Keep the L2-normalised ID train features as the bank (``k`` clipped to its size); return self."""
         features, _, _ = check_fit_inputs("knn", features)
         self.k = _clip_k("knn", self.k, len(features))
         self._set_bank(_normalize(features))
         return self
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` negative distances of the normalised ``features`` to their k-th nearest bank row."""
         self._require_fitted()
         assert self._index is not None
         features = check_features(self.name, features, self._index.dim)
@@ -178,10 +181,12 @@ class KNN(Score):
         return -torch.from_numpy(dist).to(features.device)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The bank as ``{"bank": [M, D]}``."""
         self._require_fitted()
         return {"bank": torch.from_numpy(self.bank.copy())}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the bank (at least ``k`` rows) and rebuild its search index."""
         check_state(self.name, state, {"bank"})
         bank = state["bank"]
         if bank.ndim != 2 or len(bank) == 0:
@@ -193,6 +198,7 @@ class KNN(Score):
         self._set_bank(np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32))
 
     def params(self) -> dict[str, float | int]:
+        """The neighbour rank ``k``."""
         return {"k": self.k}
 
 
@@ -217,6 +223,7 @@ class Mahalanobis(Score):
 
     @property
     def is_fitted(self) -> bool:
+        """Whether the class means and the precision are set."""
         return self.means is not None and self.precision is not None
 
     def fit(
@@ -226,12 +233,14 @@ class Mahalanobis(Score):
         logits: torch.Tensor | None = None,
         layer: FinalLayer | None = None,
     ) -> Mahalanobis:
+        """Fit the class means and the tied covariance's pseudo-inverse (needs ``labels``); return self."""
         features, labels, _ = check_fit_inputs(self.name, features, labels, need_labels=True)
         means, cov = class_means_and_tied_covariance(features, labels)
         self.means, self.precision = means, torch.linalg.pinv(cov, hermitian=True)
         return self
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` negative Mahalanobis distances of ``features`` to the nearest class mean."""
         self._require_fitted()
         assert self.means is not None and self.precision is not None
         features = check_features(self.name, features, self.means.shape[1])
@@ -239,10 +248,12 @@ class Mahalanobis(Score):
         return -dist.amin(dim=1).float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The class means ``[C, D]`` and precision ``[D, D]``."""
         self._require_fitted()
         return {"means": self.means.clone(), "precision": self.precision.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the class means and precision, checking their shapes agree."""
         check_state(self.name, state, {"means", "precision"})
         means, precision = state["means"], state["precision"]
         if means.ndim != 2 or len(means) == 0:
@@ -290,6 +301,7 @@ class RelativeMahalanobis(Score):
         logits: torch.Tensor | None = None,
         layer: FinalLayer | None = None,
     ) -> RelativeMahalanobis:
+        """Fit the class Gaussians and the background one (needs ``labels``); return self."""
         features, labels, _ = check_fit_inputs(self.name, features, labels, need_labels=True)
         means, cov = class_means_and_tied_covariance(features, labels)
         background_mean, background_cov = class_means_and_tied_covariance(
@@ -301,6 +313,7 @@ class RelativeMahalanobis(Score):
         return self
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` relative Mahalanobis scores of ``features``."""
         self._require_fitted()
         assert self.means is not None
         features = check_features(self.name, features, self.means.shape[1])
@@ -332,6 +345,7 @@ class SHE(Score):
         logits: torch.Tensor | None = None,
         layer: FinalLayer | None = None,
     ) -> SHE:
+        """Fit one pattern per class from ID train (needs ``labels`` and ``logits``); return self."""
         features, labels, logits = check_fit_inputs(
             self.name, features, labels, logits, need_labels=True, need_logits=True
         )
@@ -356,6 +370,7 @@ class SHE(Score):
         return self
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` SHE scores ``⟨h, S_ŷ⟩``: each feature's inner product with its predicted class pattern."""
         self._require_fitted()
         assert self.patterns is not None
         features = check_features(self.name, features, self.patterns.shape[1])
@@ -388,6 +403,7 @@ class NNGuide(Score):
         logits: torch.Tensor | None = None,
         layer: FinalLayer | None = None,
     ) -> NNGuide:
+        """Keep the bank ``lse(f_i) · ĥ_i`` of ID train (needs ``logits``; ``k`` clipped); return self."""
         features, _, logits = check_fit_inputs(self.name, features, labels, logits, need_logits=True)
         assert logits is not None
         self.k = _clip_k(self.name, self.k, len(features))
@@ -395,12 +411,14 @@ class NNGuide(Score):
         return self
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the bank, which must hold at least ``k`` rows."""
         bank = state.get("bank")
         if isinstance(bank, torch.Tensor) and bank.ndim == 2 and len(bank) < self.k:
             raise ValueError(f"nnguide state 'bank' has {len(bank)} rows, fewer than k={self.k}")
         super().load_state_dict(state)
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` NNGuide scores of ``logits`` ``[N, K]`` and ``features`` ``[N, D]``."""
         self._require_fitted()
         assert self.bank is not None
         features = check_features(self.name, features, self.bank.shape[1])
@@ -408,4 +426,5 @@ class NNGuide(Score):
         return nn_guidance(features, logits, self.bank, self.k)
 
     def params(self) -> dict[str, float | int]:
+        """The number of neighbours ``k``."""
         return {"k": self.k}

@@ -73,7 +73,7 @@ def weight_distances(weight: torch.Tensor) -> torch.Tensor:
 def fdbd(
     logits: torch.Tensor, features: torch.Tensor, distances: torch.Tensor, mean: torch.Tensor
 ) -> torch.Tensor:
-    """fDBD score (Liu & Qin, arXiv 2312.11536).
+    """The fDBD score (Liu & Qin, arXiv 2312.11536).
 
     ``1/(K−1) Σ_{j≠ŷ} (f_ŷ − f_j) / ‖w_ŷ − w_j‖  /  ‖h − μ‖``: the mean feature-space distance from h to
     the decision boundaries between its predicted class ŷ and every other class
@@ -138,6 +138,7 @@ class ViM(Score):
         logits: torch.Tensor | None = None,
         layer: FinalLayer | None = None,
     ) -> ViM:
+        """Fit the origin ``o``, residual basis ``R`` and ``α`` on ID train (needs logits and the layer)."""
         features, _, logits = check_fit_inputs(self.name, features, labels, logits, need_logits=True)
         assert logits is not None
         layer = check_layer(self.name, layer, features)
@@ -159,6 +160,7 @@ class ViM(Score):
         return self
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the fitted tensors, checking the residual basis matches ``dim`` when it is set."""
         residual = state.get("residual")
         if self.dim is not None and isinstance(residual, torch.Tensor) and residual.ndim == 2:
             stored = residual.shape[0] - residual.shape[1]
@@ -171,6 +173,7 @@ class ViM(Score):
         self.dim = self.residual.shape[0] - self.residual.shape[1]
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` ViM scores of ``logits`` ``[N, K]`` and ``features`` ``[N, D]``."""
         self._require_fitted()
         assert self.origin is not None and self.residual is not None and self.alpha is not None
         features = check_features(self.name, features, len(self.origin))
@@ -178,6 +181,7 @@ class ViM(Score):
         return vim(logits, features, self.origin, self.residual, self.alpha)
 
     def params(self) -> dict[str, float | int | None]:
+        """The subspace dimension and the fixed α (``None`` when fitted)."""
         return {"dim": self.dim, "alpha": self.fixed_alpha}
 
 
@@ -205,6 +209,7 @@ class FDBD(Score):
         logits: torch.Tensor | None = None,
         layer: FinalLayer | None = None,
     ) -> FDBD:
+        """Keep the class-weight distances ``‖w_k − w_j‖`` and the ID train feature mean μ (needs K ≥ 2)."""
         features, _, _ = check_fit_inputs(self.name, features)
         layer = check_layer(self.name, layer, features)
         if layer.num_classes < 2:
@@ -214,6 +219,7 @@ class FDBD(Score):
         return self
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` fDBD scores of ``logits`` ``[N, K]`` and ``features`` ``[N, D]``."""
         self._require_fitted()
         assert self.distances is not None and self.mean is not None
         features = check_features(self.name, features, len(self.mean))
@@ -246,10 +252,12 @@ class GradNorm(Score):
         logits: torch.Tensor | None = None,
         layer: FinalLayer | None = None,
     ) -> GradNorm:
+        """Only check that a final layer is given and matches the features' width; nothing is kept."""
         check_layer(self.name, layer, check_fit_inputs(self.name, features)[0])
         return self
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` GradNorm scores of ``logits`` ``[N, K]`` and ``features`` ``[N, D]`` (both required)."""
         logits = check_logits(self.name, logits)
         if features is None:
             raise ValueError(
@@ -258,4 +266,5 @@ class GradNorm(Score):
         return gradnorm(logits, check_2d("features", features), self.temperature)
 
     def params(self) -> dict[str, float | int]:
+        """The temperature."""
         return {"temperature": self.temperature}

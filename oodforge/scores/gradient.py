@@ -79,6 +79,7 @@ class ODIN(Score):
         self.epsilon = check_number("odin epsilon", epsilon, low=0.0, high=1.0)
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Always raise TypeError: ODIN needs input gradients, so use :meth:`score_pixels`."""
         raise TypeError(
             "score 'odin' needs input gradients, so it cannot be computed from logits and features; "
             "call score.score_pixels(model, pixel_values, input_std) (trainer.evaluate runs it in its "
@@ -88,7 +89,9 @@ class ODIN(Score):
     def score_pixels(
         self, model: nn.Module, pixel_values: torch.Tensor, input_std: Sequence[float] | None = None
     ) -> torch.Tensor:
+        """``[N]`` ODIN scores of pre-processed pixels, perturbed through ``model``."""
         return odin(model, pixel_values, self.temperature, self.epsilon, input_std)
 
     def params(self) -> dict[str, float | int]:
+        """The temperature and perturbation size."""
         return {"temperature": self.temperature, "epsilon": self.epsilon}

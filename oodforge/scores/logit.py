@@ -94,6 +94,7 @@ class MSP(Score):
     default_rank = 0
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` maximum softmax probabilities of ``logits`` ``[N, K]`` (features unused)."""
         return msp(check_2d("logits", logits))
 
 
@@ -105,6 +106,7 @@ class MaxLogit(Score):
     default_rank = 1
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` maximum logits of ``logits`` ``[N, K]`` (features unused)."""
         return max_logit(check_2d("logits", logits))
 
 
@@ -123,9 +125,11 @@ class Energy(Score):
         self.temperature = check_positive("energy temperature", temperature)
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` negative free energies of ``logits`` ``[N, K]`` (features unused)."""
         return energy(check_2d("logits", logits), self.temperature)
 
     def params(self) -> dict[str, float | int]:
+        """The temperature."""
         return {"temperature": self.temperature}
 
 
@@ -137,6 +141,7 @@ class Entropy(Score):
     default_rank = 3
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` negative softmax entropies of ``logits`` ``[N, K]`` (features unused)."""
         return entropy(check_2d("logits", logits))
 
 
@@ -156,9 +161,11 @@ class GEN(Score):
         self.m = check_count("gen m", m)
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` GEN scores of ``logits`` ``[N, K]`` (features unused)."""
         return generalized_entropy(check_2d("logits", logits), self.gamma, self.m)
 
     def params(self) -> dict[str, float | int]:
+        """The exponent γ and the number M of top probabilities."""
         return {"gamma": self.gamma, "m": self.m}
 
 
@@ -184,6 +191,7 @@ class KLMatching(Score):
         logits: torch.Tensor | None = None,
         layer: FinalLayer | None = None,
     ) -> KLMatching:
+        """Keep the mean softmax of each predicted class as its template (needs ``logits``); return self."""
         _, _, logits = check_fit_inputs(self.name, features, labels, logits, need_logits=True)
         assert logits is not None
         p = logits.double().softmax(dim=1)
@@ -193,6 +201,7 @@ class KLMatching(Score):
         return self
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` KL-matching scores of ``logits`` ``[N, K]`` against the fitted templates."""
         self._require_fitted()
         assert self.templates is not None
         return kl_matching(check_logits(self.name, logits, self.templates.shape[1]), self.templates)

@@ -1,4 +1,4 @@
-"""Loss terms of the training methods (DESIGN.md §5), as pure functions and small ``nn.Module``\\ s.
+r"""Loss terms of the training methods (DESIGN.md §5), as pure functions and small ``nn.Module``\ s.
 
 Every docstring states the formula it computes; weights (α, β, γ, δ, λ, 0.1) are applied by the caller.
 """

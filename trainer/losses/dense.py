@@ -1,5 +1,7 @@
-"""The dense OOD training loss of NFlowJS (Grcić, Bevandić & Šegvić): CE on inlier pixels plus a bounded
-Jensen-Shannon term that pushes the prediction on negative (pasted) pixels towards the uniform.
+"""The dense OOD training loss of NFlowJS (Grcić, Bevandić & Šegvić).
+
+CE on inlier pixels plus a bounded Jensen-Shannon term that pushes the prediction on negative (pasted)
+pixels towards the uniform.
 
 ``L = mean_{inlier px} CE(f, y) + β · mean_{negative px} JS(U ‖ softmax f)``, β = 0.03 by default.
 JS ≤ ln 2, so unlike OE's KL(U ‖ p) a few hard negatives cannot dominate the loss.

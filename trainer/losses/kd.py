@@ -62,6 +62,7 @@ class DTProjector(nn.Module):
         )
 
     def forward(self, teacher_feat: torch.Tensor) -> torch.Tensor:
+        """Project teacher features ``[N, D_T]`` into the student's feature space ``[N, D_S]``."""
         if teacher_feat.ndim != 2 or teacher_feat.shape[1] != self.teacher_dim:
             raise ValueError(
                 f"DTProjector expects teacher features [N, {self.teacher_dim}], got {tuple(teacher_feat.shape)}"

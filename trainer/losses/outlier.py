@@ -70,6 +70,7 @@ class EnergyHead(nn.Module):
         self.linear = nn.Linear(1, 2)
 
     def forward(self, logits_in: torch.Tensor, logits_out: torch.Tensor) -> torch.Tensor:
+        """The energy-head cross-entropy of ID logits (target 1) and outlier logits (target 0)."""
         _check_logits("logits_in", logits_in)
         _check_logits("logits_out", logits_out)
         return binary_energy_ce(

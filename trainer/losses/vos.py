@@ -147,6 +147,7 @@ class VOSLoss(nn.Module):
         return -torch.logsumexp(logits + log_w, dim=1)
 
     def forward(self, logits_in: torch.Tensor, logits_virtual: torch.Tensor) -> torch.Tensor:
+        """The uncertainty cross-entropy of ID logits (target 1) and virtual-outlier logits (target 0)."""
         return binary_energy_ce(
             self.linear, -self.weighted_energy(logits_in), -self.weighted_energy(logits_virtual)
         )

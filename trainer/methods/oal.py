@@ -75,8 +75,8 @@ class OALArgs(PixelTermArgs):
         pixel_weight: its weight (0.5 for oe, 0.1 for the others when unset).
     """
 
-    teacher: Path = Path("runs/demo/teacher/detector")
-    outliers: Path = Path("runs/demo/outliers")
+    teacher: Path = Path("runs/teacher/detector")
+    outliers: Path = Path("runs/outliers")
     alpha: float = Field(4.0, ge=0)
     beta: float = Field(8.0, ge=0)
     gamma: float = Field(0.1, ge=0)
@@ -194,7 +194,7 @@ class OutlierAwareLearning(Method):
         """Load the teacher and the synth dataset once; build the student, DT and the CLUB networks."""
         args: OALArgs = self.args
         if config.init_from is None:
-            raise ConfigError("init_from: OAL fine-tunes the CE baseline; set init_from: runs/demo/ce/detector")
+            raise ConfigError("init_from: OAL fine-tunes the CE baseline; set init_from: runs/ce/detector")
         teacher = load_teacher(args.teacher)
         if teacher.preprocess != config.preprocess:
             raise ConfigError(

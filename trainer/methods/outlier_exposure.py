@@ -4,7 +4,7 @@
 
 with ``term`` = Outlier Exposure (Hendrycks et al. 2019, λ = 0.5) or the energy margins of Liu et al.
 2020 (λ = 0.1, margins ``m_in``/``m_out``). ID and outlier images go through the model in one forward
-pass. Both papers fine-tune a trained classifier: the configs start from ``runs/demo/ce/detector``
+pass. Both papers fine-tune a trained classifier: the configs start from ``runs/ce/detector``
 (``init_from``).
 
     accelerate launch trainer/train_oal.py --config configs/train/oe.yaml

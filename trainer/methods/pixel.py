@@ -30,7 +30,7 @@ from oodforge.registry import Registry
 from trainer.config import TrainConfig
 from trainer.losses.outlier import EnergyHead, energy_margin_loss, oe_loss
 
-GENERATE = "python -m synth generate --config configs/synth/mnist_open.yaml --out runs/demo/outliers"
+GENERATE = "python -m synth generate --config configs/synth/mnist_open.yaml --out runs/outliers"
 
 
 class PixelTermArgs(StrictModel):
@@ -49,6 +49,7 @@ class OETerm(nn.Module):
     """Outlier Exposure: cross-entropy from the uniform distribution on the outliers' logits."""
 
     def forward(self, logits_in: torch.Tensor, logits_out: torch.Tensor) -> torch.Tensor:
+        """The OE loss on ``logits_out`` (``logits_in`` is unused)."""
         return oe_loss(logits_out)
 
 
@@ -64,6 +65,7 @@ class EnergyMarginTerm(nn.Module):
         self.m_in, self.m_out = m_in, m_out
 
     def forward(self, logits_in: torch.Tensor, logits_out: torch.Tensor) -> torch.Tensor:
+        """The squared-hinge margin loss on ID and outlier energies."""
         return energy_margin_loss(logits_in, logits_out, self.m_in, self.m_out)
 
 
@@ -108,8 +110,10 @@ def load_outliers(path: Path) -> OutlierDataset:
 
 
 def pixel_set(outliers: OutlierDataset, config: TrainConfig) -> Dataset:
-    """The kept pixel outliers of a synth dataset that are not held out, preprocessed (and augmented) like
-    ID train (the held-out part is for score selection, :func:`oodforge.outliers.is_holdout`)."""
+    """The kept, not held-out pixel outliers of a synth dataset, preprocessed (and augmented) like ID train.
+
+    The held-out part is for score selection (:func:`oodforge.outliers.is_holdout`).
+    """
     try:
         images = outliers.images("train")
     except ValueError as err:
@@ -141,6 +145,6 @@ class PixelOutlierArgs(PixelTermArgs):
         outlier_batch_size: outlier images per step (per process); the ID batch size when unset.
     """
 
-    outliers: Path = Path("runs/demo/outliers")
+    outliers: Path = Path("runs/outliers")
     weight: float | None = Field(None, ge=0)
     outlier_batch_size: int | None = Field(None, ge=1)

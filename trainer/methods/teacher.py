@@ -22,7 +22,9 @@ from trainer.config import TrainConfig
 from trainer.methods.base import METHODS, Plan
 from trainer.methods.ce import CrossEntropy
 
-FIT_GENERATOR = "python -m synth fit-generator --config configs/synth/tiny_mnist_open.yaml --out runs/demo/generator"
+FIT_GENERATOR = (
+    "python -m synth fit-generator --config configs/synth/tiny_mnist_open.yaml --out runs/generator"
+)
 GENERATOR_PARTS = ("tokenizer", "text_encoder")
 
 
@@ -62,8 +64,10 @@ def _on_hub(name: str, revision: str | None) -> bool:
 
 
 def check_generator(generator: str | Path, revision: str | None = None) -> None:
-    """Raise :class:`ConfigError` unless ``generator`` is a local diffusers directory with a tokenizer
-    and a text encoder, or a Hub model that has them."""
+    """Raise :class:`ConfigError` unless ``generator`` has a tokenizer and a text encoder.
+
+    ``generator`` may be a local diffusers directory or a Hub model.
+    """
     path = Path(generator).expanduser()
     where = f"{generator}" if path.is_absolute() else f"{generator} (relative to {Path.cwd()})"
     if path.is_dir():
