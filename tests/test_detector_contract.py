@@ -4,6 +4,7 @@ artifacts still load with the scores they gave; the import graph has no cycles."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,24 @@ def test_a_plugin_kind_is_served_by_a_real_server(tmp_path: Path) -> None:
         files = [("files", ("x.png", png_bytes(toy_images()[2]), "image/png"))]
         result = client.post("/score", files=files).json()["results"][0]
     assert result["is_ood"] is False and result["score"] == pytest.approx(250 / 127.5 - 1, rel=1e-5)
+
+
+def test_a_plugin_kind_loads_in_any_command(tmp_path: Path) -> None:
+    """``OODFORGE_PLUGINS`` is read by ``Detector.load`` itself: a fresh process (no server) predicts."""
+    import subprocess
+    import sys
+
+    path = export_toy(tmp_path / "toy")
+    code = (
+        "import numpy as np; from PIL import Image; from oodforge.detector import Detector; "
+        f"d = Detector.load({str(path)!r}); "
+        "print(d.kind, float(d.predict([Image.new('RGB', (16, 16), (250, 250, 250))]).scores[0]))"
+    )
+    env = {**os.environ, "OODFORGE_PLUGINS": "test_detector_contract", "PYTHONPATH": str(HERE)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kind, score = proc.stdout.split()
+    assert kind == "toy-brightness" and float(score) == pytest.approx(250 / 127.5 - 1, rel=1e-5)
 
 
 def test_an_unknown_kind_says_what_to_do(tmp_path: Path) -> None:

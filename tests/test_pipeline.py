@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from trainer.pipeline import main
@@ -113,3 +114,20 @@ def test_a_killed_pipeline_resumes_and_ends_with_a_served_detector(tmp_path: Pat
     ).scores.shape == (1,)
     third = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and third.stdout.count("is done") == 6  # everything skipped
+
+
+def test_a_rerun_applies_its_set_items_to_the_kept_configs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The user's edit of OUT/configs/ce.yaml survives; a re-run's --set lands on top of it."""
+    from trainer.pipeline import write_configs
+
+    configs = {"ce": {"train": {"epochs": 15, "batch_size": 64}}, "oal": {"train": {"epochs": 10}}}
+    paths = write_configs(configs, tmp_path, rederive=False)
+    edited = paths["ce"].read_text().replace("batch_size: 64", "batch_size: 32")  # the user's edit
+    paths["ce"].write_text(edited)
+    write_configs(configs, tmp_path, rederive=False, overrides=["ce.train.epochs=5"])
+    ce = yaml.safe_load(paths["ce"].read_text())
+    assert ce["train"] == {"epochs": 5, "batch_size": 32}
+    assert "applied --set train.epochs=5" in capsys.readouterr().out
+    assert yaml.safe_load(paths["oal"].read_text()) == configs["oal"]
+    write_configs(configs, tmp_path, rederive=True)
+    assert yaml.safe_load(paths["ce"].read_text()) == configs["ce"]

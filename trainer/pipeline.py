@@ -50,6 +50,7 @@ from PIL import Image
 from oodforge.config import ConfigError, apply_overrides, read_yaml
 from oodforge.data import BENCHMARKS, Benchmark, DataConfig, load_benchmark
 from oodforge.data.folders import scan_images
+from synth.generator import resolve_device
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = ("ce", "generator", "teacher", "outliers", "oal", "report")
@@ -210,7 +211,8 @@ def derive_configs(args: argparse.Namespace, profile: DataProfile, out: Path) ->
     pixel = int(min(1000, max(200, profile.n_train // 2)))
     synth["counts"] = {**synth["counts"], "pixel": pixel}
     if args.pretrained:
-        synth["generator"].update({"dtype": "float16" if args.device == "cuda" else "float32", "steps": 25})
+        on_gpu = resolve_device(args.device).type == "cuda"  # "auto": CUDA when this machine has it
+        synth["generator"].update({"dtype": "float16" if on_gpu else "float32", "device": args.device, "steps": 25})
     fit = read_yaml(REPO_CONFIGS / "synth" / "tiny_mnist_open.yaml")
     fit.update({"data": data})
     fit["model"] = {**fit["model"], "image_size": profile.image_size}
@@ -231,10 +233,27 @@ def derive_configs(args: argparse.Namespace, profile: DataProfile, out: Path) ->
     return configs
 
 
-def write_configs(configs: dict[str, dict[str, Any]], out: Path, rederive: bool) -> dict[str, Path]:
-    """``OUT/configs/<stage>.yaml`` for each stage; an existing file is kept (it may be the user's edit)."""
+def stage_overrides(items: list[str]) -> dict[str, list[str]]:
+    """``--set STAGE.key=value`` items grouped by stage (``{"ce": ["train.epochs=5"]}``)."""
+    grouped: dict[str, list[str]] = {}
+    for item in items:
+        stage, _, rest = item.partition(".")
+        grouped.setdefault(stage, []).append(rest)
+    return grouped
+
+
+def write_configs(
+    configs: dict[str, dict[str, Any]], out: Path, rederive: bool, overrides: list[str] = ()
+) -> dict[str, Path]:
+    """``OUT/configs/<stage>.yaml`` for each stage.
+
+    An existing file is kept (it may be the user's edit); this run's ``--set`` items for that stage are
+    applied on top of it and the file is rewritten, so a re-run with ``--set`` does what it says. A stage
+    whose config changed this way runs again unless its output is complete (delete it to retrain).
+    """
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
+    grouped = stage_overrides(list(overrides))
     paths = {}
     for stage, cfg in configs.items():
         path = folder / f"{stage}.yaml"
@@ -242,6 +261,16 @@ def write_configs(configs: dict[str, dict[str, Any]], out: Path, rederive: bool)
             path.write_text(
                 f"# derived by python -m trainer.pipeline; edit and re-run to use it\n{yaml.safe_dump(cfg, sort_keys=False)}"
             )
+        elif grouped.get(stage):
+            kept = read_yaml(path)
+            updated = apply_overrides(kept, grouped[stage])
+            if updated != kept:
+                path.write_text(
+                    f"# derived by python -m trainer.pipeline, edited; --set applied\n{yaml.safe_dump(updated, sort_keys=False)}"
+                )
+                print(f"pipeline: {path}: applied --set {', '.join(grouped[stage])}")
+            else:
+                print(f"pipeline: using {path} (already has --set {', '.join(grouped[stage])})")
         else:
             print(f"pipeline: using {path} as it is (--rederive rewrites it from the data)")
         paths[stage] = path
@@ -531,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         for note in profile.notes:
             print(f"pipeline: note: {note}")
         configs = derive_configs(args, profile, out)
-        paths = write_configs(configs, out, args.rederive)
+        paths = write_configs(configs, out, args.rederive, args.overrides)
         (out / "pipeline.json").write_text(
             json.dumps({"argv": sys.argv[1:] if argv is None else argv, "data": profile.data}, indent=2)
         )
@@ -545,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[stage.name] = run_stage(stage, out)
             if stage.name == args.stop_after:
                 break
-    except PipelineError as err:
+    except (PipelineError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if times:

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
@@ -59,6 +60,8 @@ KINDS: Registry[type[Detector]] = Registry("detector kind")
 """Kind name -> :class:`Detector` subclass; ``detector.json``'s ``kind`` picks the class that loads it."""
 
 ENTRY_POINT_GROUP = "oodforge.detector_kinds"
+PLUGINS_ENV = "OODFORGE_PLUGINS"
+"""Environment variable naming plugin modules (comma-separated) that :func:`load_plugins` imports."""
 
 
 def register_kind(name: str) -> Callable[[type[D]], type[D]]:
@@ -75,9 +78,12 @@ def register_kind(name: str) -> Callable[[type[D]], type[D]]:
 def load_plugins(modules: Sequence[str] = ()) -> list[str]:
     """Import the modules that register detector kinds and return their names.
 
-    Those are ``modules`` and the installed ``oodforge.detector_kinds`` entry points.
+    Those are ``modules``, the comma-separated modules of the ``OODFORGE_PLUGINS`` environment variable
+    (so every command, not only the server, finds the kinds a user registered) and the installed
+    ``oodforge.detector_kinds`` entry points.
     """
     names = list(modules)
+    names += [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
     names += [ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)]
     for name in names:
         try:
