@@ -1,7 +1,7 @@
 """Real-architecture rehearsal on CPU: the whole pipeline at SD-1.5 / CLIP-L / ResNet-18 size, no network.
 
     .venv/bin/python bench/real_scale_rehearsal.py [--work /tmp/oodforge-rehearsal] [--clip-bpe FILE|DIR]
-        [--only STAGE ...] [--rebuild]
+        [--via stages|pipeline] [--only STAGE ...] [--rebuild] [--no-write]
     make rehearsal          # fetches the open_clip_torch wheel (for CLIP's BPE merges) first, then this
 
 The models and data of the first stage are kept in the work dir and reused by later runs (``--rebuild``
@@ -23,8 +23,14 @@ the served response. Each stage's wall time and peak RSS (``wait4``'s ``ru_maxrs
 go into a summary table and ``bench/real_scale_rehearsal.json``; the exit code is 1 when a stage or a
 check fails.
 
-``pipeline_stages`` lists the commands; swap it for one ``python -m trainer.pipeline ...`` stage and the
-checks (which only read the artifacts on disk) stay as they are.
+``--via pipeline`` runs the same chain through the one-command pipeline instead (``pipeline_run_stages``):
+the build stage, then one ``python -m trainer.pipeline --pretrained <SD-1.5 dir> ...`` stage whose
+``--set STAGE.key=value`` items make every stage as small as above (ResNet-18 for ce / teacher / oal),
+then serving from its ``--out`` dir. The same checks run on the pipeline's output paths (``Paths`` with
+``via="pipeline"``: generator ``OUT/generator``, runs ``OUT``, outliers ``OUT/outliers``), plus
+``OUT/report.md`` and ``OUT/configs/<stage>.yaml``; its summary goes to
+``bench/real_scale_rehearsal_pipeline.json`` and its own BENCHMARKS.md section. ``--no-write`` leaves
+BENCHMARKS.md alone (the JSON summary is still written).
 """
 
 from __future__ import annotations
@@ -45,7 +51,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REPORT = ROOT / "bench" / "real_scale_rehearsal.json"
+VIAS = ("stages", "pipeline")  # each stage's own command, or one `python -m trainer.pipeline`
+REPORTS = {
+    "stages": ROOT / "bench" / "real_scale_rehearsal.json",
+    "pipeline": ROOT / "bench" / "real_scale_rehearsal_pipeline.json",
+}
+SECTIONS = {"stages": "real-scale-rehearsal", "pipeline": "real-scale-rehearsal-pipeline"}  # of BENCHMARKS.md
+REPORT = REPORTS["stages"]
 DEFAULT_BPE = Path.home() / ".cache" / "oodforge" / "wheels"
 CLASSES = 10
 SIZE = 64  # image side everywhere: SD at 64x64 -> 8x8x4 latents
@@ -53,7 +65,19 @@ SIZE = 64  # image side everywhere: SD at 64x64 -> 8x8x4 latents
 
 @dataclass(frozen=True)
 class Paths:
+    """Where everything lies; ``via="pipeline"`` maps the stages' outputs to the pipeline's ``--out`` dir."""
+
     work: Path
+    via: str = "stages"
+
+    @property
+    def pipeline(self) -> bool:
+        return self.via == "pipeline"
+
+    @property
+    def run(self) -> Path:
+        """``python -m trainer.pipeline --out``."""
+        return self.work / "pipeline-run"
 
     @property
     def sd15(self) -> Path:
@@ -73,19 +97,24 @@ class Paths:
 
     @property
     def generator(self) -> Path:
-        return self.work / "generators" / "sd15-cifar10"
+        return self.run / "generator" if self.pipeline else self.work / "generators" / "sd15-cifar10"
 
     @property
     def runs(self) -> Path:
-        return self.work / "runs"
+        """The parent of the ``ce`` / ``teacher`` / ``oal`` run dirs."""
+        return self.run if self.pipeline else self.work / "runs"
 
     @property
     def outliers(self) -> Path:
-        return self.work / "outliers" / "cifar10"
+        return self.run / "outliers" if self.pipeline else self.work / "outliers" / "cifar10"
+
+    @property
+    def served(self) -> Path:
+        return self.work / ("served-pipeline.json" if self.pipeline else "served.json")
 
     @property
     def logs(self) -> Path:
-        return self.work / "logs"
+        return self.work / "logs" / "pipeline" if self.pipeline else self.work / "logs"
 
 
 @dataclass
@@ -115,14 +144,27 @@ def _sets(items: dict[str, object]) -> list[str]:
     return out
 
 
-def pipeline_stages(p: Paths, bpe: Path | None) -> list[Stage]:
-    """The commands of the rehearsal, in order (the first builds the models and data, the rest is the pipeline)."""
-    py = sys.executable
-    data = {"data.benchmark": "cifar10", "data.root": p.cifar, "data.image_size": SIZE}
-    trained = {
-        **data,
-        "data.ood.noise.path": p.ood,
-        "output_dir": p.runs,
+def _build_stage(p: Paths, bpe: Path | None) -> Stage:
+    build = [sys.executable, str(Path(__file__).resolve()), "build", "--work", str(p.work)]
+    return Stage(
+        "build",
+        build + (["--clip-bpe", str(bpe)] if bpe else []),
+        "random-weight SD 1.5 + ResNet-18 snapshots, CIFAR-format data",
+    )
+
+
+def _serve_stage(p: Paths) -> Stage:
+    return Stage(
+        "serve",
+        [sys.executable, str(Path(__file__).resolve()), "serve", "--detectors", str(p.runs), "--out", str(p.served)],
+        "create_app + one POST /score to the exported OAL detector",
+        [p.served],
+    )  # fmt: skip
+
+
+def _train_small(p: Paths) -> dict[str, object]:
+    """ce / teacher / oal: one epoch of the ResNet-18 snapshot (``model.name=hf``) at 64x64."""
+    return {
         "model.name": "hf",
         "model.pretrained": p.resnet,
         "preprocess.size": SIZE,
@@ -134,14 +176,48 @@ def pipeline_stages(p: Paths, bpe: Path | None) -> list[Stage]:
         "train.num_workers": 0,
         "eval.plots": "false",
     }
+
+
+INVERT_SMALL = {  # textual inversion: 2 steps of batch 2 at 64x64 on the CPU, float32
+    "invert.steps": 2,
+    "invert.batch_size": 2,
+    "invert.warmup_steps": 0,
+    "invert.max_minutes": "null",
+    "invert.dtype": "float32",
+    "invert.device": "cpu",
+    "invert.resolution": SIZE,
+    "invert.checkpoint_every_steps": 1,
+}
+GENERATE_SMALL = {  # outlier synthesis: 2 denoising steps at 64x64, a few dozen candidates
+    "generator.dtype": "float32",
+    "generator.device": "cpu",
+    "generator.steps": 2,
+    "generator.height": SIZE,
+    "generator.width": SIZE,
+    "sampler.n_candidates": 64,
+    "filter.k": 5,
+    "counts.knn_per_class": 4,
+    "counts.pixel": 6,
+    "counts.batch_size": 6,
+    "counts.max_candidates_factor": 2,
+}
+
+
+def pipeline_stages(p: Paths, bpe: Path | None) -> list[Stage]:
+    """The commands of the rehearsal, in order (the first builds the models and data, the rest is the pipeline)."""
+    if p.pipeline:
+        return pipeline_run_stages(p, bpe)
+    py = sys.executable
+    data = {"data.benchmark": "cifar10", "data.root": p.cifar, "data.image_size": SIZE}
+    trained = {
+        **data,
+        "data.ood.noise.path": p.ood,
+        "output_dir": p.runs,
+        **_train_small(p),
+    }
     train = [py, "trainer/train.py", "--config"]
-    build = [py, str(Path(__file__).resolve()), "build", "--work", str(p.work)]
     return [
-        Stage(
-            "build",
-            build + (["--clip-bpe", str(bpe)] if bpe else []),
-            "random-weight SD 1.5 + ResNet-18 snapshots, CIFAR-format data",
-        ),
+        _build_stage(p, bpe),
         Stage(
             "invert",
             [
@@ -158,14 +234,7 @@ def pipeline_stages(p: Paths, bpe: Path | None) -> list[Stage]:
                 {
                     **data,
                     "pretrained": p.sd15,
-                    "invert.steps": 2,
-                    "invert.batch_size": 2,
-                    "invert.warmup_steps": 0,
-                    "invert.max_minutes": "null",
-                    "invert.dtype": "float32",
-                    "invert.device": "cpu",
-                    "invert.resolution": SIZE,
-                    "invert.checkpoint_every_steps": 1,
+                    **INVERT_SMALL,
                     "fidelity.classifier": p.work / "no-classifier",
                 }
             ),
@@ -205,17 +274,7 @@ def pipeline_stages(p: Paths, bpe: Path | None) -> list[Stage]:
                     **data,
                     "teacher": p.runs / "teacher" / "detector",
                     "generator.pretrained": p.generator,
-                    "generator.dtype": "float32",
-                    "generator.device": "cpu",
-                    "generator.steps": 2,
-                    "generator.height": SIZE,
-                    "generator.width": SIZE,
-                    "sampler.n_candidates": 64,
-                    "filter.k": 5,
-                    "counts.knn_per_class": 4,
-                    "counts.pixel": 6,
-                    "counts.batch_size": 6,
-                    "counts.max_candidates_factor": 2,
+                    **GENERATE_SMALL,
                 }
             ),
             "kNN boundary sampling -> SD decoding (2 steps) -> kNN ID-near filter (python -m synth generate)",
@@ -246,20 +305,45 @@ def pipeline_stages(p: Paths, bpe: Path | None) -> list[Stage]:
             "OAL: CE + KD + CLUB(knn) + CLUB(sd) + energy margins, export (trainer/train.py)",
             [p.runs / "oal"],
         ),  # fmt: skip
+        _serve_stage(p),
+    ]
+
+
+def pipeline_run_stages(p: Paths, bpe: Path | None) -> list[Stage]:
+    """``--via pipeline``: build, the whole chain as one ``python -m trainer.pipeline`` command, serve.
+
+    The pipeline derives each stage's config from the data and the shipped configs; the ``--set
+    STAGE.key=value`` items below make each as small as the per-stage commands are (with the fidelity of
+    the inverted generator measured by the CE baseline, as the pipeline does, on one 2-step sample per
+    class). The pipeline skips finished stages, so its ``--out`` dir is removed first.
+    """
+    train = _train_small(p)
+    per_stage: dict[str, dict[str, object]] = {
+        "ce": {**train, "eval.scores": ["msp", "energy"]},
+        "generator": {**INVERT_SMALL, "fidelity.per_class": 1, "fidelity.steps": 2},
+        "teacher": {**train, "eval.scores": ["knn"], "eval.score_params.knn.k": 10},
+        "outliers": GENERATE_SMALL,
+        "oal": {**train, "eval.scores": ["msp", "energy"]},
+    }
+    sets = _sets(
+        {f"{stage}.{key}": value for stage, items in per_stage.items() for key, value in items.items()}
+    )
+    command = [
+        sys.executable, "-m", "trainer.pipeline",
+        "--data", str(p.cifar), "--benchmark", "cifar10", "--ood", f"noise={p.ood}:far",
+        "--pretrained", str(p.sd15), "--out", str(p.run),
+        "--image-size", str(SIZE), "--invert-steps", "2", "--device", "cpu",
+        *sets,
+    ]  # fmt: skip
+    return [
+        _build_stage(p, bpe),
         Stage(
-            "serve",
-            [
-                py,
-                str(Path(__file__).resolve()),
-                "serve",
-                "--detectors",
-                str(p.runs),
-                "--out",
-                str(p.work / "served.json"),
-            ],
-            "create_app + one POST /score to the exported OAL detector",
-            [p.work / "served.json"],
-        ),  # fmt: skip
+            "pipeline",
+            command,
+            "python -m trainer.pipeline --pretrained <SD-1.5>: ce, textual inversion, teacher, outliers, oal, report",
+            [p.run],
+        ),
+        _serve_stage(p),
     ]
 
 
@@ -438,7 +522,7 @@ def check_oal(p: Paths) -> list[str]:
 
 
 def check_serve(p: Paths) -> list[str]:
-    body = json.loads((p.work / "served.json").read_text())
+    body = json.loads(p.served.read_text())
     result = body["results"][0]
     from bench.real_scale_models import CIFAR10_NAMES
 
@@ -455,10 +539,52 @@ def check_serve(p: Paths) -> list[str]:
     ]
 
 
+PIPELINE_STAGES = ("ce", "generator", "teacher", "outliers", "oal")  # OUT/configs/<stage>.yaml
+
+
+def check_pipeline(p: Paths) -> list[str]:
+    """What only the one-command pipeline writes: its report, the derived configs with the ``--set`` items."""
+    import yaml
+
+    report = p.run / "report.md"
+    configs = {s: p.run / "configs" / f"{s}.yaml" for s in PIPELINE_STAGES}
+    missing = [path.name for path in configs.values() if not path.is_file()]
+    written = _check(
+        not missing, f"configs/{{{','.join(PIPELINE_STAGES)}}}.yaml written (missing: {missing})"
+    )
+    cfg = {s: yaml.safe_load(path.read_text()) for s, path in configs.items()}
+    text = report.read_text() if report.is_file() else ""
+    log = p.logs / "pipeline.log"
+    fidelity = json.loads((p.generator / "oodforge_generator.json").read_text()).get("fidelity") or {}
+    oal = cfg["oal"]["method_args"]
+    times = [
+        line
+        for line in log.read_text(errors="replace").splitlines()
+        if line.startswith("pipeline: stage times")
+    ]
+    return [
+        _check("ID test accuracy" in text, f"{report.name} written ({len(text.splitlines())} lines, CE vs OAL)"),
+        written.removesuffix(" (missing: [])"),
+        _check(all(cfg[s]["model"]["name"] == "hf" and cfg[s]["model"]["pretrained"] == str(p.resnet)
+                   for s in ("ce", "teacher", "oal")), "ce/teacher/oal configs: ResNet-18 (model.name hf) from --set"),
+        _check(cfg["generator"]["pretrained"] == str(p.sd15) and cfg["generator"]["invert"]["steps"] == 2,
+               "generator config: textual inversion of --pretrained, 2 steps"),
+        _check(cfg["outliers"]["generator"]["pretrained"] == str(p.generator)
+               and cfg["outliers"]["generator"]["steps"] == 2, "outliers config: the inverted generator, 2 steps"),
+        _check(fidelity.get("fidelity") is not None and Path(fidelity["classifier"]) == p.runs / "ce" / "detector",
+               f"generator fidelity judged by OUT/ce: {100 * (fidelity.get('fidelity') or 0):.0f}% of "
+               f"{fidelity.get('n_samples')} samples"),
+        f"oal config fitted to the outliers: pixel_term {oal.get('pixel_term')}, export.score {cfg['oal']['export']['score']}",
+        (times[-1].removeprefix("pipeline: ") if times else "no stage times in the pipeline's log"),
+    ]  # fmt: skip
+
+
 CHECKS: dict[str, Callable[[Paths], list[str]]] = {
     "build": check_build, "invert": check_invert, "teacher": check_teacher, "generate": check_generate,
-    "ce": check_ce, "oal": check_oal, "serve": check_serve,
+    "ce": check_ce, "oal": check_oal, "serve": check_serve, "pipeline": check_pipeline,
 }  # fmt: skip
+# the checks after each stage; the pipeline stage is checked as the per-stage chain would be, plus its own files
+STAGE_CHECKS = {"pipeline": ["pipeline", "invert", "teacher", "generate", "ce", "oal"]}
 
 
 # --------------------------------------------------------------------------- sub-commands run as stages
@@ -535,10 +661,11 @@ def preflight(work: Path) -> dict:
     return {"memory_available_gib": round(available, 1), "disk_free_gib": round(free, 1)}
 
 
-def run_checks(name: str, work: Path) -> tuple[list[str], str | None]:
+def run_checks(name: str, work: Path, via: str = "stages") -> tuple[list[str], str | None]:
     """A stage's checks, in their own process: this one stays small, so that each stage's peak RSS is its
     own (a child's ``ru_maxrss`` starts from its parent's size at the fork)."""
-    argv = [sys.executable, str(Path(__file__).resolve()), "check", name, "--work", str(work)]
+    names = STAGE_CHECKS.get(name, [name])
+    argv = [sys.executable, str(Path(__file__).resolve()), "check", *names, "--work", str(work), "--via", via]
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     try:
@@ -548,13 +675,20 @@ def run_checks(name: str, work: Path) -> tuple[list[str], str | None]:
     return outcome["checks"], outcome["error"]
 
 
-def check(name: str, work: Path) -> None:
-    """(sub-command) Run one stage's checks; the last stdout line is ``{"checks": [...], "error": ...}``."""
-    try:
-        outcome = {"checks": CHECKS[name](Paths(work)), "error": None}
-    except Exception as err:  # an assertion, or an artifact that is missing or malformed
-        outcome = {"checks": [], "error": f"check failed: {type(err).__name__}: {err}"}
-    print(json.dumps(outcome))
+def check(names: list[str], work: Path, via: str = "stages") -> None:
+    """(sub-command) Run these stages' checks, in order, up to the first that fails; the last stdout line is
+    ``{"checks": [...], "error": ...}`` (with several names, each line starts with its check's name)."""
+    p, checks, error = Paths(work, via), [], None
+    for name in names:
+        try:
+            lines = CHECKS[name](p)
+        except Exception as err:  # an assertion, or an artifact that is missing or malformed
+            error = f"check {name} failed: {type(err).__name__}: {err}"
+            break
+        if len(names) > 1:
+            lines = [line if line.startswith(f"{name}: ") else f"{name}: {line}" for line in lines]
+        checks += lines
+    print(json.dumps({"checks": checks, "error": error}))
 
 
 def table(results: list[Result]) -> str:
@@ -569,11 +703,60 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def rehearse(work: Path, bpe: Path | None, only: list[str] | None = None) -> int:
-    p = Paths(work)
+def write_benchmarks(
+    report: dict, results: list[Result], bpe: Path | None, section: str = SECTIONS["stages"]
+) -> None:
+    """The ``section`` of BENCHMARKS.md (``real-scale-rehearsal``, or ``real-scale-rehearsal-pipeline`` for
+    ``--via pipeline``): every stage, its time, memory and checks."""
+    from bench.common import machine, today, write_section
+
+    via = report.get("via", "stages")
+    if via == "pipeline":
+        title = "Real-architecture rehearsal on CPU through `python -m trainer.pipeline` (issue 16)"
+        command = "`.venv/bin/python bench/real_scale_rehearsal.py --via pipeline`"
+        how = (
+            "The chain ran as one `python -m trainer.pipeline --pretrained <SD-1.5 dir>` command (every stage "
+            "made small with `--set STAGE.key=value`), then its `--out` dir was served."
+        )
+    else:
+        title = "Real-architecture rehearsal on CPU (issue 16)"
+        command = "`make rehearsal` (= `.venv/bin/python bench/real_scale_rehearsal.py`)"
+        how = "Each stage ran as its own command."
+    summary = Path(report.get("summary", REPORTS[via])).relative_to(ROOT)
+    rows = [
+        f"| {r.name} | {r.what} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} | "
+        f"{'ok' if r.returncode == 0 and r.error is None else 'FAILED'} | {'; '.join(r.checks)} |"
+        for r in results
+    ]
+    write_section(
+        section,
+        f"""## {title}
+
+Measured {today()} on {machine()}; {command},
+no network. {how} Random-weight SD-1.5 UNet / VAE / CLIP ViT-L/14 text encoder (tokenizer:
+{"CLIP's BPE merges read from " + bpe.name if bpe else "a synthetic 49,408-token BPE"}) and a ResNet-18 saved
+as Hub snapshots, loaded through `from_pretrained`, on CIFAR-10-format random images at 64x64, 2 denoising
+steps. Result: **{"every stage ran and every check passed" if report["ok"] else "FAILED"}**, {report["total_seconds"] / 60:.1f} min in
+all. Per stage (wall s, peak RSS of its process tree in MiB, and what it checked); the full log of each
+stage is in `{report["logs"]}/`, the summary in `{summary}`:
+
+| stage | what | s | MiB | status | checks |
+|---|---|---:|---:|---|---|
+{chr(10).join(rows)}
+""",
+    )
+
+
+def rehearse(
+    work: Path, bpe: Path | None, only: list[str] | None = None, via: str = "stages", write: bool = True
+) -> int:
+    """Run the stages (``via``: each stage's command, or one ``python -m trainer.pipeline``), check them,
+    write the JSON summary and (``write`` and not ``only``) the BENCHMARKS.md section; 0 when all passed."""
+    p = Paths(work, via)
+    summary = REPORTS[via]
     resources = preflight(work)
     print(
-        f"work dir {work}: {resources['memory_available_gib']} GiB memory available, "
+        f"via {via}; work dir {work}: {resources['memory_available_gib']} GiB memory available, "
         f"{resources['disk_free_gib']} GiB disk free; CLIP merges: {bpe or 'none (synthetic vocabulary)'}"
     )
     results: list[Result] = []
@@ -587,7 +770,7 @@ def rehearse(work: Path, bpe: Path | None, only: list[str] | None = None) -> int
             tail = Path(result.log).read_text(errors="replace").splitlines()[-25:]
             result.error = f"exit {result.returncode}; last lines of {result.log}:\n" + "\n".join(tail)
         else:
-            result.checks, result.error = run_checks(stage.name, work)
+            result.checks, result.error = run_checks(stage.name, work, via)
         results.append(result)
         print(f"   {result.seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MiB", flush=True)
         for line in result.checks:
@@ -600,15 +783,20 @@ def rehearse(work: Path, bpe: Path | None, only: list[str] | None = None) -> int
     )
     report = {
         "ok": ok,
+        "via": via,
         "total_seconds": round(time.perf_counter() - started, 1),
         "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}",
         "work": str(work),
+        "logs": str(p.logs),
+        "summary": str(summary),
         **resources,
         "stages": [asdict(r) for r in results],
     }
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    summary.write_text(json.dumps(report, indent=2) + "\n")
     print("\n" + table(results))
-    print(f"\n{'all stages ran and every check passed' if ok else 'REHEARSAL FAILED'}; report: {REPORT}")
+    if write and not only:
+        write_benchmarks(report, results, bpe, SECTIONS[via])
+    print(f"\n{'all stages ran and every check passed' if ok else 'REHEARSAL FAILED'}; report: {summary}")
     return 0 if ok else 1
 
 
@@ -619,7 +807,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-bpe", type=Path, default=None,
                         help="open_clip_torch wheel, bpe_simple_vocab_16e6.txt.gz, or a directory of wheels (default: "
                              f"{DEFAULT_BPE}); without one a synthetic 49,408-token BPE is built")  # fmt: skip
-    parser.add_argument("--only", nargs="*", help="run only these stages (their inputs must exist)")
+    parser.add_argument(
+        "--via",
+        choices=VIAS,
+        default="stages",
+        help="stages: each stage's own command (default); pipeline: one `python -m trainer.pipeline`",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        help="run only these stages (their inputs must exist); with "
+        "--via pipeline they are build, pipeline, serve",
+    )
+    parser.add_argument("--no-write", action="store_true",
+                        help="do not write BENCHMARKS.md (the JSON summary is still written)")  # fmt: skip
     parser.add_argument(
         "--rebuild", action="store_true", help="build the models and data again (else reused)"
     )
@@ -627,8 +828,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--work", type=Path, required=True)
     b.add_argument("--clip-bpe", type=Path, default=None)
     c = sub.add_parser("check", help="run one stage's checks on the artifacts in the work dir")
-    c.add_argument("stage", choices=sorted(CHECKS))
+    c.add_argument("stage", nargs="+", choices=sorted(CHECKS))
     c.add_argument("--work", type=Path, required=True)
+    c.add_argument("--via", choices=VIAS, default="stages")
     s = sub.add_parser("serve", help="(a stage) serve the exported detector and score two images")
     s.add_argument("--detectors", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
@@ -640,12 +842,12 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.detectors, args.out)
         return 0
     if args.command == "check":
-        check(args.stage, args.work)
+        check(args.stage, args.work, args.via)
         return 0
     if args.rebuild:
         shutil.rmtree(args.work / "models", ignore_errors=True)
         shutil.rmtree(args.work / "data", ignore_errors=True)
-    return rehearse(args.work, find_bpe(args.clip_bpe), args.only)
+    return rehearse(args.work, find_bpe(args.clip_bpe), args.only, args.via, write=not args.no_write)
 
 
 if __name__ == "__main__":
