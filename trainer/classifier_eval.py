@@ -275,34 +275,42 @@ def parse_score_params(text: str | None) -> dict[str, dict[str, Any]]:
 
 
 def rank_on_holdout(
-    detector: ClassifierDetector,
+    model: Classifier,
+    preprocess: Preprocess,
     scores: dict[str, Score],
     val: Outputs,
     outliers: Path,
-    args: argparse.Namespace,
+    *,
+    head_sees_synth_images: bool,
+    tpr: float = 0.95,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Every one-pass score ranked on ID val vs the held-out synthetic outliers of ``outliers``.
+    """The ``export.score: auto`` rule: rank fitted ``scores`` on ID val vs the held-out synth outliers.
 
-    The same rule as ``export.score: auto`` (:func:`trainer.selection.select_score`): lowest FPR@95, then
-    highest AUROC; scores through the head are left out when the detector's head trained on those
-    outliers' other part (recorded at export as ``head_sees_synth_images``).
+    Lowest FPR@95, then highest AUROC (:func:`trainer.selection.select_score`). Scores that need a gradient
+    pass are left out, and so are scores through the head when the head trained on the other part of
+    those outliers (:func:`trainer.selection.fair_candidates`). Only ``val`` and the held-out part of
+    ``outliers`` are read: never a test set. Returns the selection record (``chosen``, every candidate's
+    figures, what was dropped and why), as stored in reports and artifacts.
     """
     images = load_holdout(outliers).images("holdout")
-    model, preprocess = detector.model, detector.preprocess
-    holdout = collect(model, images, preprocess, args.batch_size, args.device, desc="embed held-out")
-    head_saw = bool(detector.spec.provenance.training.get("head_sees_synth_images", False))
+    holdout = collect(model, images, preprocess, batch_size, device, desc="embed held-out")
     one_pass = [n for n, s in scores.items() if not s.needs_grad]
-    names, dropped = fair_candidates(one_pass, head_saw)
-    tpr = detector.spec.calibration.target_id_tpr
+    names, dropped = fair_candidates(one_pass, head_sees_synth_images)
     chosen, table = select_score({n: scores[n] for n in names}, val, holdout, tpr)
     return {
         "chosen": chosen,
         "criterion": "lowest FPR@95 (then highest AUROC): ID val vs held-out synthetic outliers",
+        "id_split": "val",
         "outliers": str(outliers),
         "n_outliers": len(images),
-        "head_sees_synth_images": head_saw,
+        "head_sees_synth_images": head_sees_synth_images,
         "candidates": table,
-        "dropped": dropped,
+        "dropped": {
+            n: "computed through the head, which was trained on the other part of these outliers"
+            for n in dropped
+        },
     }
 
 
@@ -348,7 +356,11 @@ def main_classifier(detector: ClassifierDetector, args: argparse.Namespace) -> i
     result, values = evaluate_outputs(outputs, bench, scores)
     selection_dir = getattr(args, "selection_outliers", None)
     if selection_dir is not None:
-        result["selection"] = rank_on_holdout(detector, scores, outputs["val"], selection_dir, args)
+        result["selection"] = rank_on_holdout(
+            detector.model, detector.preprocess, scores, outputs["val"], selection_dir,
+            head_sees_synth_images=bool(detector.spec.provenance.training.get("head_sees_synth_images")),
+            tpr=detector.spec.calibration.target_id_tpr, batch_size=args.batch_size, device=args.device,
+        )  # fmt: skip
     result.update(
         {
             "detector": str(args.detector),

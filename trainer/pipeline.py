@@ -212,7 +212,9 @@ def derive_configs(args: argparse.Namespace, profile: DataProfile, out: Path) ->
     synth["counts"] = {**synth["counts"], "pixel": pixel}
     if args.pretrained:
         on_gpu = resolve_device(args.device).type == "cuda"  # "auto": CUDA when this machine has it
-        synth["generator"].update({"dtype": "float16" if on_gpu else "float32", "device": args.device, "steps": 25})
+        synth["generator"].update(
+            {"dtype": "float16" if on_gpu else "float32", "device": args.device, "steps": 25}
+        )
     fit = read_yaml(REPO_CONFIGS / "synth" / "tiny_mnist_open.yaml")
     fit.update({"data": data})
     fit["model"] = {**fit["model"], "image_size": profile.image_size}
@@ -223,13 +225,13 @@ def derive_configs(args: argparse.Namespace, profile: DataProfile, out: Path) ->
     else:
         fit["fit"] = {**fit["fit"], "max_minutes": args.fit_minutes}
     configs = {"ce": ce, "generator": fit, "teacher": teacher, "outliers": synth, "oal": oal}
-    for item in args.overrides:
-        stage, _, rest = item.partition(".")
-        if stage not in configs or not rest:
+    for stage, items in stage_overrides(args.overrides).items():
+        if stage not in configs or "" in items:
+            bad = next(i for i in args.overrides if i.partition(".")[0] == stage)
             raise PipelineError(
-                f"--set {item!r}: write STAGE.key=value with STAGE one of {', '.join(configs)}"
+                f"--set {bad!r}: write STAGE.key=value with STAGE one of {', '.join(configs)}"
             )
-        configs[stage] = apply_overrides(configs[stage], [rest])
+        configs[stage] = apply_overrides(configs[stage], items)
     return configs
 
 

@@ -29,7 +29,7 @@ from oodforge.config import ConfigError
 from oodforge.data import Benchmark, ImageSet, load_benchmark
 from oodforge.data.transforms import TransformedSet
 from oodforge.detector import ArtifactError, ClassifierDetector
-from trainer.classifier_eval import collect, collect_benchmark, evaluate_outputs, fit_scores
+from trainer.classifier_eval import collect, collect_benchmark, evaluate_outputs, fit_scores, rank_on_holdout
 from trainer.config import AUTO_SCORE, TrainConfig
 from trainer.loop import (
     build_optimizer,
@@ -45,7 +45,7 @@ from trainer.loop import (
 from trainer.methods import Method, Plan, build_method
 from trainer.outlier_stream import OutlierStream
 from trainer.report import write_report
-from trainer.selection import fair_candidates, holdout_images_dir, load_holdout, select_score
+from trainer.selection import holdout_images_dir, load_holdout
 
 
 class TrainStep(nn.Module):
@@ -210,23 +210,13 @@ def choose_export_score(
     if cfg.export.score != AUTO_SCORE:
         return cfg.export.score, None
     path = holdout_images_dir(cfg.export.selection_outliers, cfg.method_args)
-    images = load_holdout(path).images("holdout")
-    holdout = collect(model, images, cfg.preprocess, cfg.train.eval_batch_size, device, desc="embed held-out")
-    names, dropped = fair_candidates(cfg.export.candidates, head_sees_synth_images)
-    candidates = fit_scores(names, cfg.eval.score_params, outputs["train"])
-    name, table = select_score(candidates, outputs["val"], holdout, cfg.export.target_id_tpr)
-    return name, {
-        "chosen": name,
-        "criterion": "lowest FPR@95 (then highest AUROC): ID val vs held-out synthetic outliers",
-        "id_split": "val",
-        "outliers": str(path),
-        "n_outliers": len(images),
-        "candidates": table,
-        "dropped": {
-            n: "computed through the head, which was trained on the other part of these outliers"
-            for n in dropped
-        },
-    }
+    candidates = fit_scores(cfg.export.candidates, cfg.eval.score_params, outputs["train"])
+    selection = rank_on_holdout(
+        model, cfg.preprocess, candidates, outputs["val"], path,
+        head_sees_synth_images=head_sees_synth_images, tpr=cfg.export.target_id_tpr,
+        batch_size=cfg.train.eval_batch_size, device=device,
+    )  # fmt: skip
+    return selection["chosen"], selection
 
 
 def finish(
