@@ -142,7 +142,7 @@ def profile_data(args: argparse.Namespace) -> DataProfile:
     names = bench.class_names
     if len(names) < 2:
         raise PipelineError(
-            f"{args.data} has {len(names)} class folder(s) ({names}); OOD detection needs at least 2 ID classes"
+            f"{args.data} has {len(names)} class folder(s) ({names}); OOD detection needs at least 2 ID classes: put each class's images in its own folder, DIR/<class>/*"
         )
     counts = Counter(bench.train.labels.tolist())
     per_class = {n: counts.get(i, 0) for i, n in enumerate(names)}
@@ -397,7 +397,10 @@ def run_stage(stage: Stage, out: Path) -> float:
                 f"(its config: {out / 'configs' / (stage.name + '.yaml')})"
             )
     if not stage.done():
-        raise PipelineError(f"stage {stage.name} ended without its output; see its log above")
+        raise PipelineError(
+            f"stage {stage.name} exited 0 but left no complete output under {out}; see its log above, "
+            "then run the same command again"
+        )
     return time.perf_counter() - started
 
 
