@@ -1,4 +1,4 @@
-"""``python -m synth {fit-generator,generate} --config FILE --out DIR [--set key=value ...]``."""
+"""``python -m synth {fit-generator,generate,reference} --config FILE --out DIR [--set key=value ...]``."""
 
 from __future__ import annotations
 
@@ -22,9 +22,17 @@ def _generate(args: argparse.Namespace) -> int:
     return main_generate(load_config(args.config, SynthConfig, args.overrides), Path(args.out))
 
 
+def _reference(args: argparse.Namespace) -> int:
+    from synth.generate import SynthConfig
+    from synth.reference import main_reference
+
+    return main_reference(load_config(args.config, SynthConfig, args.overrides), Path(args.out))
+
+
 COMMANDS = {
     "fit-generator": (_fit, "configs/synth/tiny_mnist_open.yaml", "train the embedded SD generator"),
     "generate": (_generate, "configs/synth/mnist_open.yaml", "synthesise an outlier dataset"),
+    "reference": (_reference, "configs/synth/mnist_open.yaml", "write generated ID images + VAE round trips"),
 }
 
 

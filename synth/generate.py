@@ -31,6 +31,7 @@ from oodforge.outliers import OutlierWriter, merge_shards
 from oodforge.progress import progress
 from synth.filter import filter_near, id_threshold
 from synth.generator import Generator, GeneratorConfig
+from synth.reference import ReferenceConfig, make_reference
 from synth.sampler import SamplerParams, boundary_sample, rescale
 
 log = logging.getLogger("synth.generate")
@@ -64,6 +65,7 @@ class SynthConfig(StrictModel):
     sampler: SamplerParams = SamplerParams()
     filter: FilterConfig = FilterConfig()
     counts: CountsConfig = CountsConfig()
+    reference: ReferenceConfig = ReferenceConfig()
     ivf_above: int = 200_000
 
 
@@ -248,7 +250,9 @@ def generate(cfg: SynthConfig, out: Path) -> dict:
         "wall_seconds": round(time.perf_counter() - started, 1),
         "versions": library_versions(),
     }  # fmt: skip
-    return OutlierWriter(out, shard=str(rank)).finalize(card)
+    card = OutlierWriter(out, shard=str(rank)).finalize(card)
+    make_reference(cfg, out, generator)  # generated ID + VAE round trips (skipped when already there)
+    return card
 
 
 class _NullWriter:

@@ -60,6 +60,7 @@ def config(assets: dict[str, Path], pixel: int, batch: int = 4) -> dict:
         "sampler": {"k": 20, "select": 10, "n_candidates": 50},
         "filter": {"k": 10, "quantile": 0.5},
         "counts": {"knn_per_class": 8, "pixel": pixel, "batch_size": batch},
+        "reference": {"generated_per_class": 5, "roundtrip": False, "batch_size": 16},
     }
 
 
@@ -174,3 +175,27 @@ def test_embedding_skips_an_image_that_fails_to_decode(
         z, y = embed_images(teacher, FileImageSet("id", paths, np.array([0, 1, 2, 3])))
     assert z.shape == (3, 32) and y.tolist() == [0, 2, 3]
     assert "skipped 1 unreadable ID image" in caplog.text and "zero-bytes.png" in caplog.text
+
+
+def test_reference_holds_labelled_generated_images_and_aligned_round_trips(assets: dict[str, Path], tmp_path: Path) -> None:
+    """synth reference: generated ID-class images split 3:1:1, VAE round trips aligned with the ID splits."""
+    from oodforge.data import DataConfig, load_benchmark
+    from oodforge.reference import Reference
+    from synth.reference import make_reference
+
+    cfg = SynthConfig.model_validate({**config(assets, pixel=0), "reference": {"generated_per_class": 5}})
+    card = make_reference(cfg, tmp_path / "out")
+    ref = Reference.load(tmp_path / "out")
+    bench = load_benchmark(DataConfig())
+    gen = {split: ref.get("generated", split) for split in ("train", "val", "test")}
+    assert [len(gen[s]) for s in ("train", "val", "test")] == [18, 6, 6]
+    assert sorted(set(gen["train"].labels.tolist())) == list(range(6))
+    for split in ("train", "val", "test"):
+        rt = ref.get("roundtrip", split)
+        assert len(rt) == len(getattr(bench, split)) and np.array_equal(rt.labels, getattr(bench, split).labels)
+        assert rt.images.shape[1:] == (32, 32, 3)
+    assert card["counts"]["roundtrip/train"] == len(bench.train)
+    # a second call with the same settings is skipped (the card is unchanged), other settings rewrite it
+    assert make_reference(cfg, tmp_path / "out") == card
+    other = SynthConfig.model_validate({**config(assets, pixel=0), "reference": {"generated_per_class": 0, "roundtrip": False}})
+    assert make_reference(other, tmp_path / "out")["counts"] == {}

@@ -1,4 +1,4 @@
-"""Score selection and the threshold read only ID validation data and held-out synthetic outliers."""
+"""Score selection and the threshold read only validation data (ID val, csID-val, validation OOD) and held-out synthetic outliers."""
 
 from __future__ import annotations
 
@@ -71,7 +71,11 @@ def test_other_test_ood_sets_change_nothing_that_is_chosen(tmp_path: Path, ood_a
     sel_a = a.spec.provenance.training["score_selection"]
     sel_b = b.spec.provenance.training["score_selection"]
     assert sel_a == sel_b and sel_a["chosen"] == a.spec.score.name and sel_a["id_split"] == "val"
-    assert sel_a["n_outliers"] == len(OutlierDataset.load(ood_assets.outliers).images("holdout"))
+    # mnist-open has validation OOD (sources distinct from every test set): selection contrasts ID val and
+    # csID-val with them; no test set is among the sets it read
+    assert sel_a["negatives"] == ["val-letters", "val-patterns", "val-scenes"]
+    read = {k.split("/", 1)[-1] for k in sel_a["positives"]} | set(sel_a["negatives"])
+    assert not read & set(json.loads((first / "report.json").read_text())["scores"]["energy"]["ood"])
     reports = [json.loads((run / "report.json").read_text()) for run in (first, second)]
     assert set(reports[0]["scores"]["energy"]["ood"]) == {
         "digits-6-9",

@@ -28,7 +28,9 @@ from oodforge.data.transforms import Preprocess, TransformedSet
 from oodforge.detector import ClassifierDetector
 from oodforge.metrics import FPR95_DEFINITION, OPENOOD_FPR95_DEFINITION, accuracy, summarize
 from oodforge.progress import progress
+from oodforge.reference import Reference, find_reference
 from oodforge.scores import ALL, SCORES, Score, build_score, check_score_params
+from trainer.fullspectrum import fullspectrum_metrics, suite_sets
 from trainer.report import summary_markdown, write_report
 from trainer.selection import fair_candidates, load_holdout, select_score
 
@@ -81,11 +83,22 @@ def collect(
 
 
 def collect_benchmark(
-    model: Classifier, bench: Benchmark, preprocess: Preprocess, batch_size: int = 512, device: str = "cpu"
+    model: Classifier,
+    bench: Benchmark,
+    preprocess: Preprocess,
+    batch_size: int = 512,
+    device: str = "cpu",
+    reference: Reference | None = None,
 ) -> dict[str, Outputs]:
-    """Outputs for ``train``, ``val``, ``test`` and every OOD set (keyed by its name)."""
+    """Outputs for ``train``, ``val``, ``test``, every OOD set (keyed by its name) and the full-spectrum sets.
+
+    The full-spectrum sets (:func:`trainer.fullspectrum.suite_sets`: csID of test and val, extra test OOD,
+    validation OOD) are keyed ``csid/<shift>``, ``csid-val/<shift>``, ``extra/<set>``, ``valood/<set>``;
+    ``reference`` adds the generator's VAE round trips and generated ID images to the csID sets.
+    """
     sets: dict[str, ImageSet] = {"train": bench.train, "val": bench.val, "test": bench.test}
     sets.update({name: ood.images for name, ood in bench.ood.items()})
+    sets.update(suite_sets(bench, reference))
     return {
         key: collect(model, images, preprocess, batch_size, device, desc=f"embed {key}")
         for key, images in progress(sets.items(), desc="evaluate")
@@ -221,6 +234,9 @@ def evaluate_outputs(
         ood = {n: (vals[n], bench.ood[n].shift) for n in bench.ood}
         per_score[name] = summarize(vals["id"], ood, tpr=tpr)
         values[name] = vals
+        if not score.needs_grad:  # a gradient pass over every csID set would cost more than the rest
+            extra = {k: score_values(name, score, o) for k, o in outputs.items() if k == "val" or "/" in k}
+            per_score[name].update(fullspectrum_metrics({**vals, **extra}, outputs, bench, tpr))
     gradient = [name for name, score in scores.items() if score.needs_grad]
     for name in gradient:
         print(f"{name} ran in its own gradient pass (input perturbation needs a backward pass per batch)")
@@ -351,9 +367,16 @@ def main_classifier(detector: ClassifierDetector, args: argparse.Namespace) -> i
         fitted = {own_name: own}
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
-    outputs = collect_benchmark(detector.model, bench, detector.preprocess, args.batch_size, args.device)
+    reference = find_reference(
+        getattr(args, "reference", None), (training.get("method_args") or {}).get("outliers")
+    )
+    outputs = collect_benchmark(
+        detector.model, bench, detector.preprocess, args.batch_size, args.device, reference
+    )
     scores = fit_scores(names, params, outputs["train"], fitted=fitted)
-    result, values = evaluate_outputs(outputs, bench, scores)
+    result, values = evaluate_outputs(outputs, bench, scores, tpr=detector.spec.calibration.target_id_tpr)
+    result["target_id_tpr"] = detector.spec.calibration.target_id_tpr
+    result["reference"] = str(reference.root) if reference else None
     selection_dir = getattr(args, "selection_outliers", None)
     if selection_dir is not None:
         result["selection"] = rank_on_holdout(

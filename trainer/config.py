@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from oodforge.backbones import BackboneConfig
 from oodforge.config import StrictModel
 from oodforge.data import DataConfig
+from oodforge.data.augment import CovariateAugment
 from oodforge.data.mnist_scenes import DENSE_BENCHMARKS, SceneConfig
 from oodforge.data.transforms import Preprocess
 from oodforge.dense import PIXEL_SCORES, PoolingSpec
@@ -44,6 +45,20 @@ class LoopConfig(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     augment: bool = True
     hflip: bool = False
+    covariate: CovariateAugment = Field(
+        default_factory=CovariateAugment,
+        description="class-preserving covariate shifts (affine, blur, resampling) with probability p; p 0 is off",
+    )
+    id_reference: list[Literal["generated", "roundtrip"]] = Field(
+        [],
+        description="add the generator reference's labelled train images (generated ID-class images, VAE round "
+        "trips of ID train) to the ID stream: decoded images on both sides of the boundary",
+    )
+    reference: Path | None = Field(
+        None,
+        description="the outlier dataset (or its reference/ dir) for id_reference and the csID suite; "
+        "default: method_args.outliers",
+    )
     num_workers: int = 0
     log_with: list[Literal["csv", "tensorboard"]] = ["csv"]
     log_every_steps: int = 10

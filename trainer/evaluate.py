@@ -72,6 +72,13 @@ def parser() -> argparse.ArgumentParser:
         help="a synth outlier dataset: also rank every (one-pass) score by FPR@95 of ID val vs its held-out "
         "outliers, as export.score auto does (never test OOD); the result's 'selection' names the winner",
     )
+    p.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="an outlier dataset (or its reference/ dir) whose generator reference adds the VAE round trip and "
+        "generated ID images to the csID suite (default: the one the detector's provenance names, if any)",
+    )
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p

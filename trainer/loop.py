@@ -203,9 +203,12 @@ def restore(accelerator: Accelerator, run_dir: Path, resume: bool, steps_per_epo
 def epoch_batches(accelerator: Accelerator, loader: Any, progress: Progress, epochs: int) -> tqdm:
     """The current epoch's batches with a progress bar, skipping those a resumed run already trained on."""
     loader.set_epoch(progress.epoch)
-    batches = (
-        accelerator.skip_first_batches(loader, progress.step_in_epoch) if progress.step_in_epoch else loader
-    )
+    if hasattr(loader, "batches"):  # trainer.tensor_data.TensorBatches skips on its own
+        batches = loader.batches(progress.step_in_epoch)
+    elif progress.step_in_epoch:
+        batches = accelerator.skip_first_batches(loader, progress.step_in_epoch)
+    else:
+        batches = loader
     return progress_bar(
         batches,
         total=len(loader),

@@ -210,6 +210,9 @@ def derive_configs(args: argparse.Namespace, profile: DataProfile, out: Path) ->
     # one kept outlier per two train images, between 200 and the recipe's 1000 (~22 decoded per kept on CPU)
     pixel = int(min(1000, max(200, profile.n_train // 2)))
     synth["counts"] = {**synth["counts"], "pixel": pixel}
+    # generated ID images for the csID suite and selection: one per two train images of a class, 10..150
+    per_class = int(min(150, max(10, profile.n_train // (2 * max(1, len(profile.per_class))))))
+    synth["reference"] = {**synth.get("reference", {}), "generated_per_class": per_class}
     if args.pretrained:
         on_gpu = resolve_device(args.device).type == "cuda"  # "auto": CUDA when this machine has it
         synth["generator"].update(

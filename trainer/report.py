@@ -83,6 +83,49 @@ def summary_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fullspectrum_markdown(result: dict[str, Any]) -> str:
+    """The full-spectrum sections: csID accept rates and accuracy, FS-OOD means, extra sets, validation view."""
+    per_score = {n: p for n, p in result["scores"].items() if p.get("csid")}
+    if not per_score:
+        return ""
+    names = list(per_score)
+    first = per_score[names[0]]
+    lines = [
+        "## Covariate-shifted ID (csID: ID, must be accepted)",
+        "",
+        "Share of each shifted copy of ID test accepted at the threshold each score calibrates on ID val "
+        f"(the served rule, {100 * result.get('target_id_tpr', 0.95):.0f}% of ID val), and the label accuracy on it.",
+        "",
+        "| csID set | n | accuracy | " + " | ".join(f"{n} accept" for n in names) + " |",
+        "|---|---:|---:|" + "---:|" * len(names),
+    ]
+    for shift, row in first["csid"].items():
+        cells = [percent(per_score[n]["csid"].get(shift), "accept") for n in names]
+        lines.append(f"| {shift} | {row['n']} | {percent(row, 'accuracy')} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for key, what in (("fs", "FS-OOD: ID test ∪ every csID set positive"), ("extra", "extra test OOD families (reported only)"),
+                      ("extra_fs", "extra families, FS-OOD"), ("val", "validation view: ID val ∪ csID-val vs validation OOD (what selection reads)")):  # fmt: skip
+        if not first.get(key):
+            continue
+        sets = list(first[key]["ood"])
+        lines += [
+            f"### {what}",
+            "",
+            "| set | shift | " + " | ".join(f"{n} AUROC / FPR@95" for n in names) + " |",
+        ]
+        lines.append("|---|---|" + "---:|" * len(names))
+        rows = [(s, first[key]["ood"][s]["shift"], lambda b, s=s: b["ood"].get(s)) for s in sets]
+        rows += [(f"**{g} mean**", "", lambda b, g=g: b.get(g)) for g in ("near", "far") if first[key].get(g)]
+        for label, shift, get in rows:
+            cells = [
+                f"{percent(get(per_score[n][key]), 'auroc')} / {percent(get(per_score[n][key]), 'fpr95')}"
+                for n in names
+            ]
+            lines.append(f"| {label} | {shift} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def detector_markdown(about: dict[str, Any]) -> str:
     """The "Detector" section of a report from :meth:`Detector.describe` (the API's detector info too)."""
     t = about["threshold"]
@@ -122,6 +165,7 @@ def render_markdown(result: dict[str, Any], title: str) -> str:
             "## Summary",
             "",
             summary_markdown(result),
+            fullspectrum_markdown(result),
             "## Per OOD set",
             "",
             markdown_tables(result),

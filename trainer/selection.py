@@ -1,4 +1,13 @@
-"""Choosing the exported score without test OOD data: ID validation images vs held-out synthetic outliers.
+"""Choosing the exported score without test OOD data: validation data and held-out synthetic outliers only.
+
+The rule (:func:`select_on_validation`): the positive class is ID val together with every covariate-shifted
+copy of it (csID-val, incl. the generator reference's round trips and generated ID images), since csID is
+ID; the negatives are the benchmark's validation OOD sets (sources distinct from every test set, OpenOOD
+v1.5) or, where a benchmark has none (a user's own folders), the held-out synthetic outliers. A candidate
+whose worst csID-val acceptance (at its own served threshold) is below ``min_csid_accept`` is dropped; when
+no candidate reaches it, those more than 5 points below the best candidate's worst acceptance are. The winner has the lowest mean FPR@95 over the negative sets, then the highest mean
+AUROC. :func:`select_score` below is the older two-set form (ID val vs held-out synth), still used by
+``trainer.evaluate --selection-outliers``.
 
 ``export.score: auto`` picks, among ``export.candidates``, the score with the lowest FPR@95 (ties: the
 higher AUROC) when the ID validation split is the positive class and the held-out part of the synth
@@ -18,8 +27,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from oodforge.config import ConfigError
-from oodforge.metrics import ood_metrics
+from oodforge.metrics import ood_metrics, threshold_at_tpr
 from oodforge.outliers import OutlierDataset
 from oodforge.scores import SCORES, Score
 
@@ -55,6 +66,104 @@ def fair_candidates(names: list[str], head_sees_synth_images: bool) -> tuple[lis
             "add knn or mahalanobis to export.candidates, or name the score"
         )
     return kept, [n for n in names if n not in kept]
+
+
+MIN_CSID_ACCEPT = 0.85
+"""A candidate must accept at least this share of every csID-val set at its served threshold..."""
+CSID_SLACK = 0.05
+"""...or, when no candidate reaches that, be within this much of the best candidate's worst csID-val share."""
+
+
+def select_on_validation(
+    scores: dict[str, Score],
+    outputs: dict[str, Any],
+    tpr: float = 0.95,
+    holdout: Any | None = None,
+    head_sees_synth_images: bool = False,
+    min_csid_accept: float = MIN_CSID_ACCEPT,
+    val_ood_shifts: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The selection record of :func:`select_on_validation`'s rule (module docstring) over fitted ``scores``.
+
+    Args:
+        scores: Fitted candidate scores by name (no gradient scores).
+        outputs: Network outputs with ``val``, ``csid-val/<shift>`` and ``valood/<set>`` keys (nothing else
+            is read).
+        tpr: ID acceptance rate of FPR@95 and of the served threshold.
+        holdout: Outputs on the held-out synthetic outliers: the negatives when there is no validation OOD.
+        head_sees_synth_images: The head trained on the other part of those outliers: with them as the
+            negatives, scores through the head are not fair candidates (:func:`fair_candidates`).
+        min_csid_accept: The csID-val acceptance a candidate needs.
+        val_ood_shifts: ``near`` / ``far`` of each validation OOD set: the criterion averages within each
+            shift, then over the shifts, so near and far weigh the same whatever their set counts.
+
+    Returns:
+        ``chosen``, the criterion, every candidate's figures, the dropped candidates with the reason.
+    """
+    val_ood = sorted(k for k in outputs if k.startswith("valood/"))
+    val_ood_shifts = val_ood_shifts or {}
+    csid = sorted(k for k in outputs if k.startswith("csid-val/"))
+    names, dropped = list(scores), {}
+    if val_ood:
+        negatives = {k.split("/", 1)[1]: outputs[k] for k in val_ood}
+        shifts = {n: val_ood_shifts.get(n, "far") for n in negatives}
+    elif holdout is not None:
+        negatives = {"held-out synthetic outliers": holdout}
+        shifts = {"held-out synthetic outliers": "near"}
+        names, unfair = fair_candidates(names, head_sees_synth_images)
+        dropped = {
+            n: "computed through the head, which was trained on the other part of these outliers"
+            for n in unfair
+        }
+    else:
+        raise ConfigError(
+            "export.score: auto needs validation OOD sets (a benchmark's val_ood) or held-out synthetic outliers "
+            "(export.selection_outliers); name a score instead of auto"
+        )
+    table: dict[str, dict[str, Any]] = {}
+    for name in names:
+        score = scores[name]
+        val = score(outputs["val"].logits, outputs["val"].features).numpy()
+        shifted = {k.split("/", 1)[1]: score(outputs[k].logits, outputs[k].features).numpy() for k in csid}
+        threshold = threshold_at_tpr(val, tpr)
+        positives = np.concatenate([val, *shifted.values()])
+        per = {
+            n: ood_metrics(positives, score(o.logits, o.features).numpy(), tpr) for n, o in negatives.items()
+        }
+        table[name] = {
+            "fpr95": _group_mean(per, shifts, "fpr95"),
+            "auroc": _group_mean(per, shifts, "auroc"),
+            "per_set": {n: {"fpr95": m["fpr95"], "auroc": m["auroc"]} for n, m in per.items()},
+            "csid_accept_min": float(min((np.mean(v >= threshold) for v in shifted.values()), default=1.0)),
+        }
+    best = max(t["csid_accept_min"] for t in table.values())
+    floor = min(min_csid_accept, best - CSID_SLACK)
+    for n in table:
+        if table[n]["csid_accept_min"] < floor:
+            dropped[n] = (
+                f"accepts {100 * table[n]['csid_accept_min']:.1f}% of a csID-val set (< {100 * floor:.1f}%)"
+            )
+    pool = [n for n in table if n not in dropped]
+    chosen = min(pool, key=lambda n: (table[n]["fpr95"], -table[n]["auroc"]))
+    return {
+        "chosen": chosen,
+        "criterion": "lowest FPR@95 (then highest AUROC), averaged within near and far, then over them: ID val ∪ csID-val vs "
+        + ("the validation OOD sets" if val_ood else "the held-out synthetic outliers")
+        + f"; candidates must accept >= {100 * floor:.1f}% of every csID-val set",
+        "id_split": "val",
+        "positives": ["val", *csid],
+        "negatives": list(negatives),
+        "candidates": table,
+        "dropped": dropped,
+    }
+
+
+def _group_mean(per: dict[str, dict[str, Any]], shifts: dict[str, str], key: str) -> float:
+    """Mean of ``key`` within each shift group, then over the groups."""
+    groups: dict[str, list[float]] = {}
+    for name, m in per.items():
+        groups.setdefault(shifts[name], []).append(m[key])
+    return float(np.mean([np.mean(v) for v in groups.values()]))
 
 
 def select_score(

@@ -22,14 +22,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
-from torch.utils.data import DataLoader
 
 from oodforge.backbones import Classifier
 from oodforge.config import ConfigError
 from oodforge.data import Benchmark, ImageSet, load_benchmark
-from oodforge.data.transforms import TransformedSet
 from oodforge.detector import ArtifactError, ClassifierDetector
-from trainer.classifier_eval import collect, collect_benchmark, evaluate_outputs, fit_scores, rank_on_holdout
+from oodforge.reference import Reference, find_reference
+from trainer.classifier_eval import collect, collect_benchmark, evaluate_outputs, fit_scores
 from trainer.config import AUTO_SCORE, TrainConfig
 from trainer.loop import (
     build_optimizer,
@@ -45,7 +44,8 @@ from trainer.loop import (
 from trainer.methods import Method, Plan, build_method
 from trainer.outlier_stream import OutlierStream
 from trainer.report import write_report
-from trainer.selection import holdout_images_dir, load_holdout
+from trainer.selection import holdout_images_dir, load_holdout, select_on_validation
+from trainer.tensor_data import TensorBatches
 
 
 class TrainStep(nn.Module):
@@ -92,9 +92,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
             f"init_from: {cfg.init_from} is not a detector directory (no detector.json); train that run first"
         )
     bench = load_benchmark(cfg.data)
+    if cfg.preprocess.raw is None and bench.raw is not None:  # train/serve parity: the artifact records it
+        cfg.preprocess = cfg.preprocess.model_copy(update={"raw": bench.raw})
     set_seed(cfg.seed)  # the model's initial weights are a function of the seed
     plan = method.setup(cfg, bench)  # missing inputs fail here, before the run directory is touched
-    if cfg.export.score == AUTO_SCORE:  # so does a missing held-out set for score selection
+    if cfg.export.score == AUTO_SCORE and not bench.val_ood:  # so does a missing held-out set for selection
         try:
             load_holdout(holdout_images_dir(cfg.export.selection_outliers, cfg.method_args)).images("holdout")
         except ValueError as err:
@@ -107,18 +109,20 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
         cfg, run_dir, [DistributedDataParallelKwargs(find_unused_parameters=plan.find_unused_parameters)]
     )
 
-    train_set = TransformedSet(
-        bench.train, cfg.preprocess, augment=cfg.train.augment, seed=cfg.seed, hflip=cfg.train.hflip
-    )
-    loader = DataLoader(
-        train_set,
-        batch_size=cfg.train.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=cfg.train.num_workers,
+    loader = TensorBatches(
+        [bench.train, *reference_train_sets(cfg)],
+        cfg.preprocess,
+        cfg.train.batch_size,
+        cfg.seed,
+        shift=2 if cfg.train.augment else 0,
+        hflip=cfg.train.hflip,
+        covariate=cfg.train.covariate,
+        device=accelerator.device,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
     )
     optimizer = build_optimizer(cfg, param_groups(model, method, plan))
-    step_module, optimizer, loader = accelerator.prepare(TrainStep(model, method), optimizer, loader)
+    step_module, optimizer = accelerator.prepare(TrainStep(model, method), optimizer)
     batch_size = plan.outlier_batch_size or cfg.train.batch_size
     streams = {name: OutlierStream(accelerator, ds, batch_size, name) for name, ds in plan.outliers.items()}
     total_steps = cfg.train.epochs * len(loader)
@@ -132,7 +136,6 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     step_seconds, timed_steps = 0.0, 0  # optimisation steps only (no validation, no checkpointing)
     while progress.epoch < cfg.train.epochs:
         epoch = progress.epoch
-        train_set.set_epoch(epoch)
         method.set_epoch(epoch)
         step_module.train()
         bar = epoch_batches(accelerator, loader, progress, cfg.train.epochs)
@@ -185,6 +188,32 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     return run_dir
 
 
+def reference_dir_of(cfg: TrainConfig) -> Path | None:
+    """The outlier dataset whose generator reference this run reads (``train.reference`` or the method's)."""
+    path = cfg.train.reference or cfg.method_args.get("outliers")
+    return Path(path) if path else None
+
+
+def reference_train_sets(cfg: TrainConfig) -> list[ImageSet]:
+    """The labelled reference images ``train.id_reference`` adds to the ID stream (train split only)."""
+    if not cfg.train.id_reference:
+        return []
+    root = reference_dir_of(cfg)
+    try:
+        reference = Reference.load(root) if root else None
+    except FileNotFoundError as err:
+        raise ConfigError(f"train.id_reference: {err}") from None
+    if reference is None:
+        raise ConfigError("train.id_reference needs train.reference (an outlier dataset with a reference/)")
+    sets = [reference.get(kind, "train") for kind in cfg.train.id_reference]
+    missing = [k for k, s in zip(cfg.train.id_reference, sets, strict=True) if s is None]
+    if missing:
+        raise ConfigError(
+            f"train.id_reference: {reference.root} has no {missing} images; re-run synth reference"
+        )
+    return sets
+
+
 def param_groups(model: Classifier, method: Method, plan: Plan) -> list[dict[str, Any]]:
     """The model at the run's learning rate, the method's groups, and its other parameters at the run's rate."""
     grouped = {id(p) for g in plan.param_groups for p in g["params"]}
@@ -204,18 +233,37 @@ def _accuracy(accelerator: Accelerator, model: Classifier, images: ImageSet, cfg
 
 
 def choose_export_score(
-    cfg: TrainConfig, model: Classifier, outputs: dict[str, Any], device: str, head_sees_synth_images: bool
+    cfg: TrainConfig,
+    model: Classifier,
+    bench: Benchmark,
+    outputs: dict[str, Any],
+    device: str,
+    head_sees_synth_images: bool,
 ) -> tuple[str, dict[str, Any] | None]:
-    """``export.score``, or for ``auto`` the candidate chosen on ID val vs held-out synthetic outliers."""
+    """``export.score``, or for ``auto`` the candidate :func:`trainer.selection.select_on_validation` picks.
+
+    Only ID val, csID-val, the validation OOD sets and (without those) the held-out synthetic outliers are read.
+    """
     if cfg.export.score != AUTO_SCORE:
         return cfg.export.score, None
-    path = holdout_images_dir(cfg.export.selection_outliers, cfg.method_args)
     candidates = fit_scores(cfg.export.candidates, cfg.eval.score_params, outputs["train"])
-    selection = rank_on_holdout(
-        model, cfg.preprocess, candidates, outputs["val"], path,
-        head_sees_synth_images=head_sees_synth_images, tpr=cfg.export.target_id_tpr,
-        batch_size=cfg.train.eval_batch_size, device=device,
-    )  # fmt: skip
+    candidates = {n: s for n, s in candidates.items() if not s.needs_grad}
+    holdout = None
+    if not any(k.startswith("valood/") for k in outputs):
+        path = holdout_images_dir(cfg.export.selection_outliers, cfg.method_args)
+        images = load_holdout(path).images("holdout")
+        holdout = collect(
+            model, images, cfg.preprocess, cfg.train.eval_batch_size, device, desc="embed held-out"
+        )
+    selection = select_on_validation(
+        candidates,
+        outputs,
+        cfg.export.target_id_tpr,
+        holdout=holdout,
+        head_sees_synth_images=head_sees_synth_images,
+        val_ood_shifts={n: o.shift for n, o in bench.val_ood.items()},
+    )
+    selection["head_sees_synth_images"] = head_sees_synth_images
     return selection["chosen"], selection
 
 
@@ -231,8 +279,9 @@ def finish(
 ) -> None:
     """Evaluate every configured score, write the report and export the detector."""
     model.eval()
-    outputs = collect_benchmark(model, bench, cfg.preprocess, cfg.train.eval_batch_size, device)
-    export_score, selection = choose_export_score(cfg, model, outputs, device, head_sees_synth_images)
+    reference = find_reference(reference_dir_of(cfg))
+    outputs = collect_benchmark(model, bench, cfg.preprocess, cfg.train.eval_batch_size, device, reference)
+    export_score, selection = choose_export_score(cfg, model, bench, outputs, device, head_sees_synth_images)
     names = list(dict.fromkeys([export_score, *cfg.eval.scores]))  # the report's headline: the exported score
     scores = fit_scores(names, cfg.eval.score_params, outputs["train"])
     result, values = evaluate_outputs(outputs, bench, scores, tpr=cfg.export.target_id_tpr)
@@ -240,6 +289,8 @@ def finish(
         {
             "run": cfg.name,
             "method": cfg.method,
+            "target_id_tpr": cfg.export.target_id_tpr,
+            "reference": str(reference.root) if reference else None,
             "benchmark": cfg.data.benchmark,
             "train_seconds": round(train_seconds, 1),
             # mean wall time of one optimisation step of this process (None when resumed at the end)

@@ -21,6 +21,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from pydantic import AliasChoices, Field, model_validator
 
@@ -105,6 +106,49 @@ class FileImageSet(ImageSet):
             raise OSError(f"cannot read image {path}: {err}; remove or replace the file") from None
 
 
+class RawGeometry(StrictModel):
+    """How a benchmark made its training copies from the raw source images (train/serve parity).
+
+    ``mnist-open`` pads each 28x28 MNIST digit by 2 black pixels to 32x32: ``RawGeometry(side=28,
+    pad_to=32)``. An input of exactly ``side`` x ``side`` pixels is the raw form of the source data, so
+    the detector pads it the same way (centred, ``fill``) before the usual resize, and scores it as its
+    training copy; any other size is resized as usual.
+
+    Attributes:
+        side: Side of the raw source images.
+        pad_to: Side the benchmark pads them to (centred).
+        fill: Grey value (0..255) of the padding.
+    """
+
+    side: int = Field(ge=1)
+    pad_to: int = Field(ge=1)
+    fill: int = Field(0, ge=0, le=255)
+
+    @model_validator(mode="after")
+    def _pad_grows(self) -> RawGeometry:
+        if self.pad_to < self.side:
+            raise ValueError(f"raw.pad_to ({self.pad_to}) must be at least raw.side ({self.side})")
+        return self
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Float ``[N, 3, side, side]`` in 0..1 -> ``[N, 3, pad_to, pad_to]``, centred on ``fill``."""
+        before = (self.pad_to - self.side) // 2
+        after = self.pad_to - self.side - before
+        return F.pad(x, (before, after, before, after), mode="constant", value=self.fill / 255.0)
+
+    def raw_form(self, image: Image.Image) -> Image.Image:
+        """A training copy back in its raw form: the centre ``side/pad_to`` crop at ``side`` x ``side``."""
+        w, h = image.size
+        cw, ch = round(w * self.side / self.pad_to), round(h * self.side / self.pad_to)
+        left, top = (w - cw) // 2, (h - ch) // 2
+        crop = image.crop((left, top, left + cw, top + ch))
+        return (
+            crop
+            if crop.size == (self.side, self.side)
+            else crop.resize((self.side, self.side), Image.BILINEAR)
+        )
+
+
 @dataclass
 class OODSet:
     """An OOD image set and its :data:`Shift`: ``near`` (semantic shift only) or ``far`` OOD."""
@@ -115,7 +159,17 @@ class OODSet:
 
 @dataclass
 class Benchmark:
-    """ID train/val/test splits with their class names, and OOD sets labelled near or far."""
+    """ID train/val/test splits with their class names, and OOD sets labelled near or far.
+
+    Attributes:
+        ood: The test OOD sets (reporting only).
+        val_ood: Validation OOD sets, from sources distinct from every test set (OpenOOD v1.5): what
+            score selection and recipe choices may read, with ID val and held-out synthetic data.
+        extra_ood: More test OOD families, reported beside ``ood`` (and outside its near/far means),
+            read by no choice.
+        raw: How the training copies were made from the raw source images (``None``: they are the
+            source images), recorded in the detector's pre-processing for train/serve parity.
+    """
 
     name: str
     class_names: list[str]
@@ -123,6 +177,9 @@ class Benchmark:
     val: ImageSet
     test: ImageSet
     ood: dict[str, OODSet] = field(default_factory=dict)
+    val_ood: dict[str, OODSet] = field(default_factory=dict)
+    extra_ood: dict[str, OODSet] = field(default_factory=dict)
+    raw: RawGeometry | None = None
 
     def near(self) -> list[str]:
         """Names of the near-OOD sets, in insertion order."""

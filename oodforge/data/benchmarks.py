@@ -21,8 +21,8 @@ def load_benchmark(cfg: DataConfig) -> Benchmark:
         ValueError: An extra OOD set reuses the name of one the benchmark already has.
     """
     bench = BENCHMARKS.get(cfg.benchmark)(cfg)
-    if not cfg.builtin_ood:
-        bench.ood = {}
+    if not cfg.builtin_ood:  # the test OOD sets go; the validation OOD sets are not test data and stay
+        bench.ood, bench.extra_ood = {}, {}
     for name, spec in cfg.ood.items():
         if name in bench.ood:
             raise ValueError(

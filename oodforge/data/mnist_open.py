@@ -13,17 +13,19 @@ import warnings
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image
 
+from oodforge.data.arrays import random_crops, to_rgb, to_uint8  # noqa: F401  (re-exported)
 from oodforge.data.base import (
     BENCHMARKS,
     ArrayImageSet,
     Benchmark,
     DataConfig,
     OODSet,
+    RawGeometry,
     resize_images,
     stratified_split,
 )
+from oodforge.data.extra_sources import extra_test_sets, validation_sets
 
 ID_DIGITS = (0, 1, 2, 3, 4, 5)
 SIZE = 32
@@ -34,42 +36,6 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immu
           "retina", "camera", "coins", "moon", "clock", "cell")  # fmt: skip
 N_PHOTOS = 300
 N_NOISE = 150  # of each kind
-
-
-def to_rgb(image: np.ndarray, size: int = SIZE) -> np.ndarray:
-    """Any grey/RGB(A) image (uint8, bool, or float in 0..1) -> uint8 ``size`` x ``size`` x 3 (bilinear)."""
-    image = to_uint8(image)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    pil = Image.fromarray(np.ascontiguousarray(image[..., :3]))
-    if pil.size != (size, size):
-        pil = pil.resize((size, size), Image.BILINEAR)
-    return np.asarray(pil, dtype=np.uint8)
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Convert to uint8: bool -> {0, 255}; float in 0..1 -> 0..255 (rounded, clipped); uint8 unchanged."""
-    if image.dtype == np.uint8:
-        return image
-    if image.dtype == bool:
-        return image.astype(np.uint8) * 255
-    if np.issubdtype(image.dtype, np.floating) and image.max() <= 1.0:
-        image = image * 255.0
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
-
-
-def random_crops(
-    image: np.ndarray, n: int, rng: np.random.Generator, lo: int = 64, hi: int = 128, size: int = SIZE
-) -> np.ndarray:
-    """``n`` random square crops with side in ``[lo, hi]`` (clipped to the image), resized to ``size``."""
-    image = to_uint8(image)
-    h, w = image.shape[:2]
-    out = np.empty((n, size, size, 3), dtype=np.uint8)
-    for k in range(n):
-        side = int(rng.integers(min(lo, h, w), min(hi, h, w) + 1))
-        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        out[k] = to_rgb(image[y : y + side, x : x + side], size)
-    return out
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -131,7 +97,8 @@ def mnist_open(cfg: DataConfig) -> Benchmark:
 
     Returns:
         The benchmark: 3,000 ID images of digits 0-5 split by ``cfg``; OOD sets ``digits-6-9`` (near),
-        ``faces``, ``textures``, ``photos`` and ``noise`` (far).
+        ``faces``, ``textures``, ``photos`` and ``noise`` (far); validation OOD and extra test OOD families
+        from :mod:`oodforge.data.extra_sources`; the raw geometry (28x28 digits padded to 32).
     """
     images, labels = load_mnist()
     images = resize_images(images, cfg.image_size)
@@ -146,4 +113,14 @@ def mnist_open(cfg: DataConfig) -> Benchmark:
     ood = {"digits-6-9": OODSet(ArrayImageSet("digits-6-9", near, np.full(len(near), -1)), "near")}
     for name, arr in far_sets(cfg.seed, cfg.image_size).items():  # copies: the cache stays intact
         ood[name] = OODSet(ArrayImageSet(name, arr.copy(), np.full(len(arr), -1)), "far")
-    return Benchmark("mnist-open", [str(d) for d in ID_DIGITS], train, val, test, ood)
+    val_ood, extra = (
+        {
+            name: OODSet(ArrayImageSet(name, arr.copy(), np.full(len(arr), -1)), shift)
+            for name, (arr, shift) in sets.items()
+        }
+        for sets in (validation_sets(cfg.seed, cfg.image_size), extra_test_sets(cfg.seed, cfg.image_size))
+    )
+    return Benchmark(
+        "mnist-open", [str(d) for d in ID_DIGITS], train, val, test, ood, val_ood=val_ood, extra_ood=extra,
+        raw=RawGeometry(side=28, pad_to=SIZE),
+    )  # fmt: skip

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 from torch.utils.data import Dataset
 
 from oodforge.config import StrictModel
-from oodforge.data.base import ImageSet
+from oodforge.data.base import ImageSet, RawGeometry
 
 
 class Preprocess(StrictModel):
@@ -33,11 +33,15 @@ class Preprocess(StrictModel):
         size: Side of the square model input.
         mean: Per-channel mean subtracted after scaling to [0, 1].
         std: Per-channel standard deviation divided by after subtracting the mean.
+        raw: The benchmark's raw source geometry: inputs of its raw size are padded as the training
+            copies were, before the resize (``None``: every input is resized). Set by the trainer from
+            the benchmark when the config leaves it out.
     """
 
     size: int = Field(32, ge=1)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    raw: RawGeometry | None = None
 
     @field_validator("std")
     @classmethod
@@ -60,6 +64,8 @@ class Preprocess(StrictModel):
                 "x.unsqueeze(0) or move channels first with x.permute(0, 3, 1, 2)"
             )
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        if self.raw is not None and x.shape[-2:] == (self.raw.side, self.raw.side):
+            x = self.raw.pad(x)
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(
                 x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
