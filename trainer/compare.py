@@ -89,6 +89,78 @@ def comparison_markdown(reports: dict[str, dict[str, Any]], scores: list[str] | 
     return "\n".join(lines)
 
 
+def fullspectrum_comparison_markdown(
+    reports: dict[str, dict[str, Any]], shortcuts: dict[str, dict[str, Any]] | None = None
+) -> str:
+    """csID accept rates and label accuracy, FS-OOD and extra-set figures and shortcut figures, per run.
+
+    Each run is shown with its exported score (``report["score"]``); runs evaluated without the
+    full-spectrum suite are left out.
+    """
+    runs = {n: r["scores"][r["score"]] for n, r in reports.items() if r["scores"][r["score"]].get("csid")}
+    if not runs:
+        return ""
+    names = list(runs)
+    label = {n: f"{n} ({reports[n]['score']})" for n in names}
+    lines = [
+        "## Full spectrum: covariate-shifted ID is ID",
+        "",
+        "Accepted share at the served threshold (label accuracy), %, per csID copy of ID test:",
+        "",
+        "| csID set | " + " | ".join(label[n] for n in names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for shift in runs[names[0]]["csid"]:
+        cells = []
+        for n in names:
+            row = runs[n]["csid"].get(shift)
+            cells.append(f"{100 * row['accept']:.1f} ({100 * row['accuracy']:.1f})" if row else "–")
+        lines.append(f"| {shift} | " + " | ".join(cells) + " |")
+    lines += ["", "| figure | " + " | ".join(label[n] for n in names) + " |", "|---|" + "---:|" * len(names)]
+
+    def row(title: str, get: Any) -> None:
+        values = []
+        for n in names:
+            try:
+                values.append(get(runs[n]))
+            except (KeyError, TypeError):
+                values.append("–")
+        lines.append(f"| {title} | " + " | ".join(values) + " |")
+
+    for group in ("near", "far"):
+        row(
+            f"classic {group} AUROC / FPR@95",
+            lambda p, g=group: f"{100 * p[g]['auroc']:.2f} / {100 * p[g]['fpr95']:.2f}",
+        )
+        row(
+            f"FS-OOD {group} AUROC / FPR@95",
+            lambda p, g=group: f"{100 * p['fs'][g]['auroc']:.2f} / {100 * p['fs'][g]['fpr95']:.2f}",
+        )
+    for name in runs[names[0]].get("extra", {}).get("ood", {}):
+        row(
+            f"extra: {name} AUROC / FPR@95",
+            lambda p, s=name: (
+                f"{100 * p['extra']['ood'][s]['auroc']:.2f} / {100 * p['extra']['ood'][s]['fpr95']:.2f}"
+            ),
+        )
+    for key in (
+        "real_id_accept",
+        "generated_id_accept",
+        "roundtrip_id_accept",
+        "generated_outlier_accept",
+        "probe_auroc",
+    ):
+        if shortcuts and all(n in shortcuts for n in names):
+            values = [shortcuts[n].get(key) for n in names]
+            lines.append(
+                f"| shortcut: {key} | "
+                + " | ".join("–" if v is None else f"{100 * v:.1f}" for v in values)
+                + " |"
+            )
+    lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m trainer.compare``: print (with ``--out``, also write) the comparison; return 0 or 2."""
     parser = argparse.ArgumentParser(description="Compare finished runs side by side.")
