@@ -55,7 +55,7 @@ class Reference:
             FileNotFoundError: no complete reference there, with the command that writes one.
         """
         root = Path(root)
-        if not (root / CARD_FILE).is_file() and (reference_dir(root) / CARD_FILE).is_file():
+        if not (root / IMAGES_FILE).is_file() and (reference_dir(root) / IMAGES_FILE).is_file():
             root = reference_dir(root)
         if not (root / CARD_FILE).is_file() or not (root / IMAGES_FILE).is_file():
             raise FileNotFoundError(

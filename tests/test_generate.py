@@ -185,6 +185,7 @@ def test_reference_holds_labelled_generated_images_and_aligned_round_trips(asset
 
     cfg = SynthConfig.model_validate({**config(assets, pixel=0), "reference": {"generated_per_class": 5}})
     card = make_reference(cfg, tmp_path / "out")
+    (tmp_path / "out" / "card.json").write_text("{}")  # an outlier dataset's own card beside reference/
     ref = Reference.load(tmp_path / "out")
     bench = load_benchmark(DataConfig())
     gen = {split: ref.get("generated", split) for split in ("train", "val", "test")}

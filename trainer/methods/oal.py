@@ -196,7 +196,9 @@ class OutlierAwareLearning(Method):
         if config.init_from is None:
             raise ConfigError("init_from: OAL fine-tunes the CE baseline; set init_from: runs/ce/detector")
         teacher = load_teacher(args.teacher)
-        if teacher.preprocess != config.preprocess:
+        # the student's training tensors are the teacher's input: size and normalisation must agree (the raw
+        # geometry only matters for inputs of the raw size, which training never feeds)
+        if teacher.preprocess.model_dump(exclude={"raw"}) != config.preprocess.model_dump(exclude={"raw"}):
             raise ConfigError(
                 f"method_args.teacher: the teacher was trained with preprocess {teacher.preprocess.model_dump()} "
                 f"but this run uses {config.preprocess.model_dump()}; the student and teacher see the same "
