@@ -103,6 +103,46 @@ def test_killed_generation_resumes_to_exact_count(assets: dict[str, Path], tmp_p
     ids = [r["id"] for r in ds.records]
     assert len(ids) == len(set(ids))
     assert len(ds.images()) == 30 == len(list(images.glob("*.png")))
+    generate(SynthConfig.model_validate(config(assets, pixel=30, batch=2)), tmp_path / "whole")
+    same_dataset(tmp_path / "whole", tmp_path / "out")  # same ids, records, latents and images
+
+
+def same_dataset(a: Path, b: Path) -> None:
+    """Two outlier directories hold the same records, the same sd latents and byte-identical PNGs."""
+    da, db = OutlierDataset.load(a), OutlierDataset.load(b)
+    assert da.records == db.records
+    assert torch.equal(da.require("sd"), db.require("sd")) and torch.equal(da.require("knn"), db.require("knn"))
+    pngs = sorted(p.name for p in (a / "images").glob("*.png"))
+    assert pngs == sorted(p.name for p in (b / "images").glob("*.png")) and pngs
+    assert all((a / "images" / n).read_bytes() == (b / "images" / n).read_bytes() for n in pngs)
+
+
+def test_interrupted_generation_resumes_to_the_same_dataset(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped in the middle of writing a block, then resumed, equals an uninterrupted run."""
+    from oodforge.outliers import OutlierWriter
+
+    cfg = SynthConfig.model_validate(config(assets, pixel=12, batch=4))
+    generate(cfg, tmp_path / "whole")
+    original, calls = OutlierWriter.add_images, []
+
+    def stop_half_way(self: OutlierWriter, records: list[dict], images: list) -> int:
+        calls.append(len(records))
+        if len(calls) == 3:  # the third block: write its first half, then the process "dies"
+            original(self, records[:2], images[:2])
+            raise KeyboardInterrupt
+        return original(self, records, images)
+
+    monkeypatch.setattr(OutlierWriter, "add_images", stop_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        generate(cfg, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "card.json").exists() and len(calls) == 3
+    monkeypatch.setattr(OutlierWriter, "add_images", original)
+    generate(cfg, tmp_path / "resumed")
+    same_dataset(tmp_path / "whole", tmp_path / "resumed")
+    pixel = [r for r in OutlierDataset.load(tmp_path / "whole").records if r["pool"] == "pixel"]
+    assert sum(r["kept"] for r in pixel) == 12 and pixel[-1]["kept"]  # recorded up to the 12th kept one
 
 
 def test_two_processes_make_one_dataset(assets: dict[str, Path], tmp_path: Path) -> None:
