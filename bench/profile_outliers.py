@@ -97,11 +97,12 @@ def install() -> None:
 
     def timed_loop(*args: Any, **kwargs: Any) -> Any:
         _active.set()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             return loop(*args, **kwargs)
         finally:
             _totals[("main", "__loop__")] = time.perf_counter() - start
+            _totals[("main", "__cpu__")] = time.process_time() - cpu
             _active.clear()
 
     gen_mod.pixel_pools = timed_loop
@@ -123,6 +124,12 @@ def main() -> int:
     p.add_argument("--generator", default=str(REPO / "oodforge/assets/generators/tiny-mnist-open"))
     p.add_argument("--config", type=Path, default=REPO / "configs/synth/mnist_open.yaml")
     p.add_argument("--pixel", type=int, default=60, help="kept pixel outliers to make (counts.pixel)")
+    p.add_argument(
+        "--factor",
+        type=float,
+        default=None,
+        help="counts.max_candidates_factor: stop after pixel x factor candidates",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="counts.batch_size (default: the config's)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
@@ -140,6 +147,8 @@ def main() -> int:
     raw["counts"] = {**raw["counts"], "pixel": args.pixel}
     if args.batch_size:
         raw["counts"]["batch_size"] = args.batch_size
+    if args.factor:
+        raw["counts"]["max_candidates_factor"] = args.factor
     cfg = SynthConfig.model_validate(raw)
     out = Path(tempfile.mkdtemp(prefix="profile-outliers-"))
     try:
@@ -149,6 +158,7 @@ def main() -> int:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     loop = _totals.pop(("main", "__loop__"))
+    cpu = _totals.pop(("main", "__cpu__"))
     named = sum(s for (t, _), s in _totals.items() if t == "main")
     rows = [
         {"component": c, "thread": t, "seconds": s, "calls": _calls[(t, c)]}
@@ -170,12 +180,15 @@ def main() -> int:
         "loop_seconds": loop,
         "stage_seconds": stage,
         "candidates_per_s": candidates / loop,
+        "loop_cpu_seconds": cpu,
+        "candidates_per_cpu_s": candidates / cpu,
         "unet_vae_share": unet_vae / loop,
         "rows": rows,
     }
     text = (
         f"{args.label or 'run'}: {candidates} candidates, {result['pixel_kept']} kept, pixel loop {loop:.1f} s "
-        f"(stage {stage:.1f} s): **{result['candidates_per_s']:.1f} candidates/s**, UNet + VAE "
+        f"(stage {stage:.1f} s): **{result['candidates_per_s']:.1f} candidates/s** "
+        f"({result['candidates_per_cpu_s']:.1f} per CPU-second of the process), UNet + VAE "
         f"{100 * result['unet_vae_share']:.0f}% of the loop ({result['threads']} torch threads, batch "
         f"{result['batch_size']}, code {result['code']})\n\n{table(result)}"
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,7 @@ def generate(cfg: SynthConfig, out: Path) -> dict:
     """Run the whole synthesis into ``out``; returns the card (main process) or {} (others)."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only hosts shard over gloo
+    state = PartialState(cpu=_shard_on_cpu())  # CPU-only hosts shard over gloo
     rank, world = state.process_index, state.num_processes
     started = time.perf_counter()
     if not (cfg.teacher / "detector.json").is_file():
@@ -276,6 +277,18 @@ def generate(cfg: SynthConfig, out: Path) -> dict:
         "versions": library_versions(),
     }  # fmt: skip
     return OutlierWriter(out, shard=str(rank)).finalize(card)
+
+
+def _shard_on_cpu() -> bool:
+    """CPU processes (gloo) without CUDA, under ``accelerate launch --cpu``, or with fewer GPUs than processes."""
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if forced or not torch.cuda.is_available():
+        return True
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > torch.cuda.device_count():
+        log.warning("%d processes on %d GPU(s): generating on the CPU", local, torch.cuda.device_count())
+        return True
+    return False
 
 
 class _NullWriter:

@@ -214,3 +214,22 @@ def test_embedding_skips_an_image_that_fails_to_decode(
         z, y = embed_images(teacher, FileImageSet("id", paths, np.array([0, 1, 2, 3])))
     assert z.shape == (3, 32) and y.tolist() == [0, 2, 3]
     assert "skipped 1 unreadable ID image" in caplog.text and "zero-bytes.png" in caplog.text
+
+
+def test_shards_fall_back_to_cpu_without_a_gpu_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes on a one-GPU host (or `accelerate launch --cpu`) shard on the CPU instead of cuda:1."""
+    from synth.generate import _shard_on_cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert not _shard_on_cpu()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _shard_on_cpu()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert _shard_on_cpu()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert _shard_on_cpu()
