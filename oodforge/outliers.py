@@ -303,21 +303,42 @@ class OutlierWriter:
         Raises:
             ValueError: a kept record without an image, a rejected one with an image, or a bad record.
         """
-        rec = _prepare(record, "pixel")
-        if rec["id"] in self._done:
-            return False
-        if rec["kept"] != (image is not None):
+        return self.add_images([record], [image]) == 1
+
+    def add_images(self, records: list[dict[str, Any]], images: list[Image.Image | None]) -> int:
+        """Record pixel-pool candidates: like :meth:`add_image` for each, with one journal write for all.
+
+        Every kept image's PNG is written (atomically) before the batch's journal lines are appended, so
+        a record on disk still means its file is complete.
+
+        Returns:
+            The number of new records written (ids already done are skipped).
+        """
+        if len(records) != len(images):
             raise ValueError(
-                f"record {rec['id']!r}: pass the image for a kept pixel outlier and None for a rejected one"
+                f"{len(records)} records for {len(images)} images; pass one image (or None) each"
             )
-        if image is not None:
-            if not isinstance(image, Image.Image):
+        new, seen = [], set()
+        for record, image in zip(records, images, strict=True):
+            rec = _prepare(record, "pixel")
+            if rec["id"] in self._done or rec["id"] in seen:
+                continue
+            seen.add(rec["id"])
+            if rec["kept"] != (image is not None):
+                raise ValueError(
+                    f"record {rec['id']!r}: pass the image for a kept pixel outlier and None for a rejected one"
+                )
+            if image is not None and not isinstance(image, Image.Image):
                 raise TypeError(
                     f"record {rec['id']!r}: image must be a PIL image, got {type(image).__name__}"
                 )
-            _atomic_write(self.root / rec["file_name"], lambda tmp: image.save(tmp, format="PNG"))
-        self._append([rec])
-        return True
+            new.append((rec, image))
+        for rec, image in new:
+            if image is not None:
+                _atomic_write(self.root / rec["file_name"], lambda tmp, im=image: im.save(tmp, format="PNG"))
+        if new:
+            self._append([rec for rec, _ in new])
+        return len(new)
 
     def add_latents(
         self, pool: LatentPool, ids: list[str], tensors: torch.Tensor, records: list[dict[str, Any]]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,9 @@ from oodforge.data import DataConfig, ImageSet, load_benchmark
 from oodforge.detector import ClassifierDetector
 from oodforge.outliers import OutlierWriter, merge_shards
 from oodforge.progress import progress
+from synth.background import Background
 from synth.filter import filter_near, id_threshold
-from synth.generator import Generator, GeneratorConfig
+from synth.generator import Generator, GeneratorConfig, to_images
 from synth.reference import ReferenceConfig, make_reference
 from synth.sampler import SamplerParams, boundary_sample, rescale
 
@@ -156,58 +158,84 @@ def pixel_pools(
     cfg: SynthConfig, writer: OutlierWriter, generator: Generator, teacher: ClassifierDetector, bank: np.ndarray,
     tau: float, vectors: dict[int, torch.Tensor], rank: int, world: int,
 ) -> None:  # fmt: skip
-    """Decode outlier vectors with SD: ``sd`` latents for every candidate, filtered images as pixel outliers."""
+    """Decode outlier vectors with SD: ``sd`` latents for every candidate, filtered images as pixel outliers.
+
+    This process's candidates are ``j = rank + world * i`` for ``i = 0, 1, ...``; candidate ``j``'s class,
+    vector and seed depend only on ``j``. They are decoded in fixed blocks of ``counts.batch_size``
+    consecutive ``i`` (a block with any candidate not on disk is decoded whole), so every batch holds
+    ``batch_size`` candidates and a resumed run decodes exactly the batches an uninterrupted one would:
+    the same results, bit for bit, on the same device. Candidates are recorded in order until ``target``
+    are kept; the images stay on the generator's device for the teacher, and a background thread writes
+    while the next block is generated.
+    """
     n_classes = len(vectors)
     target = cfg.counts.pixel // world + (1 if rank < cfg.counts.pixel % world else 0)
     done = writer.done_ids()
-    mine = [r for r in writer.records() if r["pool"] == "pixel" and r["kept"]]
-    kept = len(mine)
+    kept = sum(1 for r in writer.records() if r["pool"] == "pixel" and r["kept"])
     limit = math.ceil(target * cfg.counts.max_candidates_factor)
     bar = progress(total=target, initial=min(kept, target), desc=f"pixel outliers [{rank}]")
     rejected = 0
-    j = rank
-    while kept < target and j // world < limit:
-        batch = []
-        while len(batch) < min(cfg.counts.batch_size, target - kept) and j // world < limit:
-            if f"px-{j:07d}" not in done:
-                batch.append(j)
-            j += world
-        if not batch:
-            break
-        classes = [b % n_classes for b in batch]
-        vecs = torch.stack(
-            [vectors[c][(b // n_classes) % len(vectors[c])] for b, c in zip(batch, classes, strict=True)]
-        )
-        seeds = [cfg.seed * 1_000_003 + b for b in batch]
-        latents, images = generator.sample(classes, seeds, vecs)
-        _, feats = teacher.forward_batch(torch.stack([teacher.preprocess(im) for im in images]))
-        verdict = filter_near(feats.numpy(), bank, cfg.filter.k, tau)
-        sd_records = [
-            {"id": f"sd-{b:07d}", "kept": True, "reason": "kept", "source_class": c, "seed": s}
-            for b, c, s in zip(batch, classes, seeds, strict=True)
-        ]
-        writer.add_latents("sd", [r["id"] for r in sd_records], latents, sd_records)
-        for i, (b, c, s) in enumerate(zip(batch, classes, seeds, strict=True)):
-            ok = bool(verdict.keep[i])
-            record = {"id": f"px-{b:07d}", "kept": ok, "reason": verdict.reason[i], "source_class": c, "seed": s,
-                      "knn_distance": float(verdict.distance[i]), "sd_id": f"sd-{b:07d}"}  # fmt: skip
-            writer.add_image(record, images[i] if ok else None)
-            kept += ok
-            rejected += not ok
-        bar.update(int(verdict.keep.sum()))
-        bar.set_postfix(kept=kept, rejected=rejected)
+    i = 0
+    with Background() as background:
+        while kept < target and i < limit:
+            block = [rank + world * k for k in range(i, min(i + cfg.counts.batch_size, limit))]
+            i += len(block)
+            if all(f"px-{j:07d}" in done for j in block):
+                continue
+            classes = [j % n_classes for j in block]
+            vecs = torch.stack(
+                [vectors[c][(j // n_classes) % len(vectors[c])] for j, c in zip(block, classes, strict=True)]
+            )
+            seeds = [cfg.seed * 1_000_003 + j for j in block]
+            latents, pixels = generator.sample_pixels(classes, seeds, vecs)
+            _, feats = teacher.forward_batch(teacher.preprocess.tensor(pixels))
+            verdict = filter_near(feats.numpy(), bank, cfg.filter.k, tau)
+            rows = []  # block positions to record: the new candidates, in order, until target are kept
+            for b, j in enumerate(block):
+                if kept >= target:
+                    break
+                if f"px-{j:07d}" not in done:
+                    rows.append(b)
+                    kept += bool(verdict.keep[b])
+            keep = verdict.keep[rows]
+            rejected += int((~keep).sum())
+            kept_rows = [b for b in rows if verdict.keep[b]]
+            background.submit(
+                _write_block, writer, [block[b] for b in rows], [classes[b] for b in rows], [seeds[b] for b in rows],
+                latents[rows], pixels[kept_rows].cpu(), keep, verdict.distance[rows], [verdict.reason[b] for b in rows],
+            )  # fmt: skip
+            bar.update(int(keep.sum()))
+            bar.set_postfix(kept=kept, rejected=rejected)
     bar.close()
     if kept < target:
-        log.warning(
-            "process %d kept only %d of %d pixel outliers after %d candidates", rank, kept, target, j // world
-        )
+        log.warning("process %d kept only %d of %d pixel outliers after %d candidates", rank, kept, target, i)
+
+
+def _write_block(
+    writer: OutlierWriter, ids: list[int], classes: list[int], seeds: list[int], latents: torch.Tensor,
+    kept_pixels: torch.Tensor, keep: np.ndarray, distance: np.ndarray, reasons: list[str],
+) -> None:  # fmt: skip
+    """Write one decoded block: ``sd`` latents of every candidate, then the pixel records and kept PNGs."""
+    sd_records = [
+        {"id": f"sd-{j:07d}", "kept": True, "reason": "kept", "source_class": c, "seed": s}
+        for j, c, s in zip(ids, classes, seeds, strict=True)
+    ]
+    writer.add_latents("sd", [r["id"] for r in sd_records], latents, sd_records)
+    images = iter(to_images(kept_pixels))
+    records, pictures = [], []
+    for n, (j, c, s) in enumerate(zip(ids, classes, seeds, strict=True)):
+        ok = bool(keep[n])
+        records.append({"id": f"px-{j:07d}", "kept": ok, "reason": reasons[n], "source_class": c, "seed": s,
+                        "knn_distance": float(distance[n]), "sd_id": f"sd-{j:07d}"})  # fmt: skip
+        pictures.append(next(images) if ok else None)
+    writer.add_images(records, pictures)
 
 
 def generate(cfg: SynthConfig, out: Path) -> dict:
     """Run the whole synthesis into ``out``; returns the card (main process) or {} (others)."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only hosts shard over gloo
+    state = PartialState(cpu=_shard_on_cpu())  # CPU-only hosts shard over gloo
     rank, world = state.process_index, state.num_processes
     started = time.perf_counter()
     if not (cfg.teacher / "detector.json").is_file():
@@ -253,6 +281,18 @@ def generate(cfg: SynthConfig, out: Path) -> dict:
     card = OutlierWriter(out, shard=str(rank)).finalize(card)
     make_reference(cfg, out, generator)  # generated ID + VAE round trips (skipped when already there)
     return card
+
+
+def _shard_on_cpu() -> bool:
+    """CPU processes (gloo) without CUDA, under ``accelerate launch --cpu``, or with fewer GPUs than processes."""
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if forced or not torch.cuda.is_available():
+        return True
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > torch.cuda.device_count():
+        log.warning("%d processes on %d GPU(s): generating on the CPU", local, torch.cuda.device_count())
+        return True
+    return False
 
 
 class _NullWriter:

@@ -89,6 +89,8 @@ class Generator:
         vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.height = cfg.height or pipe.unet.config.sample_size * vae_factor
         self.width = cfg.width or pipe.unet.config.sample_size * vae_factor
+        self._ids: dict[int, torch.Tensor] = {}
+        self._uncond: torch.Tensor | None = None
 
     @classmethod
     def load(cls, cfg: GeneratorConfig, class_names: list[str]) -> Generator:
@@ -132,48 +134,75 @@ class Generator:
         return self.pipe.text_encoder(ids.to(self.device))[0]
 
     def _prompt_ids(self, class_index: int) -> torch.Tensor:
-        tok = self.pipe.tokenizer
-        prompt = self.cfg.prompt.format(token=placeholder_token(self.class_names[class_index]))
-        return tok(
-            prompt,
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        """Token ids ``[1, L]`` of a class prompt (tokenised once per class)."""
+        if class_index not in self._ids:
+            tok = self.pipe.tokenizer
+            prompt = self.cfg.prompt.format(token=placeholder_token(self.class_names[class_index]))
+            self._ids[class_index] = tok(
+                prompt,
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+        return self._ids[class_index]
 
     @torch.no_grad()
     def prompt_embeds(self, class_index: list[int], vectors: torch.Tensor | None = None) -> torch.Tensor:
-        """Text-encoder outputs of each class prompt, optionally with its class token replaced.
+        """Text-encoder outputs ``[B, L, E]`` of each class prompt, optionally with its class token replaced.
 
-        With ``vectors``, the class token's row is v (token substitution) for that prompt only and
-        restored afterwards.
+        One text-encoder pass for the whole batch. With ``vectors``, wherever prompt ``i`` holds its
+        class's placeholder token, the token-embedding output is ``vectors[i]`` instead of the table's
+        row (token substitution, per prompt); the embedding table itself is never modified.
         """
-        table = self.pipe.text_encoder.get_input_embeddings().weight
-        out = []
-        for i, c in enumerate(class_index):
-            row = self.token_ids[c]
-            saved = table[row].clone()
-            try:
-                if vectors is not None:
-                    table[row] = vectors[i].to(table.device, table.dtype)
-                out.append(self._encode(self._prompt_ids(c)))
-            finally:
-                table[row] = saved
-        return torch.cat(out)
+        ids = torch.cat([self._prompt_ids(c) for c in class_index]).to(self.device)
+        if vectors is None:
+            return self._encode(ids)
+        if len(vectors) != len(class_index):
+            raise ValueError(f"{len(vectors)} vectors for {len(class_index)} prompts; pass one per prompt")
+        table = self.pipe.text_encoder.get_input_embeddings()
+        rows = torch.tensor([self.token_ids[c] for c in class_index], device=ids.device)
+        where = (ids == rows[:, None]).unsqueeze(-1)  # [B, L, 1]: the placeholder's positions
+        vecs = vectors.to(ids.device, table.weight.dtype).unsqueeze(1)  # [B, 1, D]
+
+        def substitute(_module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            return torch.where(where, vecs.to(output.dtype), output)
+
+        handle = table.register_forward_hook(substitute)
+        try:
+            return self._encode(ids)
+        finally:
+            handle.remove()
+
+    def _uncond_embeds(self) -> torch.Tensor:
+        """The empty prompt's text-encoder output ``[1, L, E]`` (computed once)."""
+        if self._uncond is None:
+            tok = self.pipe.tokenizer
+            empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
+            with torch.no_grad():
+                self._uncond = self._encode(empty.input_ids)
+        return self._uncond
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(
+    def sample_pixels(
         self, class_index: list[int], seeds: list[int], vectors: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, list[Image.Image]]:
-        """Denoise one sample per entry; returns the SD latents ``[B, C, h, w]`` and the decoded images."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denoise one sample per entry, without leaving the device for the images.
+
+        Args:
+            class_index: The class of each sample (its prompt's placeholder token).
+            seeds: One seed per sample: sample ``i``'s initial noise depends only on ``seeds[i]``.
+            vectors: Optional ``[B, D]`` token substitutes (outlier embeddings), one per sample.
+
+        Returns:
+            The SD latents ``[B, C, h, w]`` (float32, CPU) and the decoded images as uint8 RGB
+            ``[B, 3, H, W]`` on the generator's device.
+        """
+        if len(seeds) != len(class_index):
+            raise ValueError(f"{len(seeds)} seeds for {len(class_index)} samples; pass one seed per sample")
         cond = self.prompt_embeds(class_index, vectors)
-        tok = self.pipe.tokenizer
-        empty = tok(
-            [""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
-        ).input_ids
-        uncond = self._encode(empty).expand(len(class_index), -1, -1)
+        uncond = self._uncond_embeds().expand(len(class_index), -1, -1)
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         latents = self.pipe(
             prompt_embeds=cond,
@@ -185,15 +214,34 @@ class Generator:
             generator=generators,
             output_type="latent",
         ).images
-        return latents.float().cpu(), self.decode(latents)
+        return latents.float().cpu(), self.decode_pixels(latents)
+
+    def sample(
+        self, class_index: list[int], seeds: list[int], vectors: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[Image.Image]]:
+        """Denoise one sample per entry; returns the SD latents ``[B, C, h, w]`` and the decoded images.
+
+        The same samples as :meth:`sample_pixels`, with the images as PIL.
+        """
+        latents, pixels = self.sample_pixels(class_index, seeds, vectors)
+        return latents, to_images(pixels)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Decode SD latents with the pipeline's VAE into RGB images."""
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode SD latents with the pipeline's VAE into uint8 RGB ``[B, 3, H, W]`` on the generator's device."""
         vae = self.pipe.vae
         x = vae.decode(latents.to(self.device, vae.dtype) / vae.config.scaling_factor).sample
-        arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Decode SD latents with the pipeline's VAE into RGB images."""
+        return to_images(self.decode_pixels(latents))
+
+
+def to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """uint8 RGB ``[B, 3, H, W]`` (any device) -> PIL images."""
+    arr = pixels.permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
 def read_card(pretrained: str | Path) -> dict | None:

@@ -104,6 +104,48 @@ def test_killed_generation_resumes_to_exact_count(assets: dict[str, Path], tmp_p
     ids = [r["id"] for r in ds.records]
     assert len(ids) == len(set(ids))
     assert len(ds.images()) == 30 == len(list(images.glob("*.png")))
+    generate(SynthConfig.model_validate(config(assets, pixel=30, batch=2)), tmp_path / "whole")
+    same_dataset(tmp_path / "whole", tmp_path / "out")  # same ids, records, latents and images
+
+
+def same_dataset(a: Path, b: Path) -> None:
+    """Two outlier directories hold the same records, the same sd latents and byte-identical PNGs."""
+    da, db = OutlierDataset.load(a), OutlierDataset.load(b)
+    assert da.records == db.records
+    assert torch.equal(da.require("sd"), db.require("sd")) and torch.equal(
+        da.require("knn"), db.require("knn")
+    )
+    pngs = sorted(p.name for p in (a / "images").glob("*.png"))
+    assert pngs == sorted(p.name for p in (b / "images").glob("*.png")) and pngs
+    assert all((a / "images" / n).read_bytes() == (b / "images" / n).read_bytes() for n in pngs)
+
+
+def test_interrupted_generation_resumes_to_the_same_dataset(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped in the middle of writing a block, then resumed, equals an uninterrupted run."""
+    from oodforge.outliers import OutlierWriter
+
+    cfg = SynthConfig.model_validate(config(assets, pixel=12, batch=4))
+    generate(cfg, tmp_path / "whole")
+    original, calls = OutlierWriter.add_images, []
+
+    def stop_half_way(self: OutlierWriter, records: list[dict], images: list) -> int:
+        calls.append(len(records))
+        if len(calls) == 3:  # the third block: write its first half, then the process "dies"
+            original(self, records[:2], images[:2])
+            raise KeyboardInterrupt
+        return original(self, records, images)
+
+    monkeypatch.setattr(OutlierWriter, "add_images", stop_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        generate(cfg, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "card.json").exists() and len(calls) == 3
+    monkeypatch.setattr(OutlierWriter, "add_images", original)
+    generate(cfg, tmp_path / "resumed")
+    same_dataset(tmp_path / "whole", tmp_path / "resumed")
+    pixel = [r for r in OutlierDataset.load(tmp_path / "whole").records if r["pool"] == "pixel"]
+    assert sum(r["kept"] for r in pixel) == 12 and pixel[-1]["kept"]  # recorded up to the 12th kept one
 
 
 def test_two_processes_make_one_dataset(assets: dict[str, Path], tmp_path: Path) -> None:
@@ -177,7 +219,9 @@ def test_embedding_skips_an_image_that_fails_to_decode(
     assert "skipped 1 unreadable ID image" in caplog.text and "zero-bytes.png" in caplog.text
 
 
-def test_reference_holds_labelled_generated_images_and_aligned_round_trips(assets: dict[str, Path], tmp_path: Path) -> None:
+def test_reference_holds_labelled_generated_images_and_aligned_round_trips(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
     """synth reference: generated ID-class images split 3:1:1, VAE round trips aligned with the ID splits."""
     from oodforge.data import DataConfig, load_benchmark
     from oodforge.reference import Reference
@@ -193,10 +237,33 @@ def test_reference_holds_labelled_generated_images_and_aligned_round_trips(asset
     assert sorted(set(gen["train"].labels.tolist())) == list(range(6))
     for split in ("train", "val", "test"):
         rt = ref.get("roundtrip", split)
-        assert len(rt) == len(getattr(bench, split)) and np.array_equal(rt.labels, getattr(bench, split).labels)
+        assert len(rt) == len(getattr(bench, split)) and np.array_equal(
+            rt.labels, getattr(bench, split).labels
+        )
         assert rt.images.shape[1:] == (32, 32, 3)
     assert card["counts"]["roundtrip/train"] == len(bench.train)
     # a second call with the same settings is skipped (the card is unchanged), other settings rewrite it
     assert make_reference(cfg, tmp_path / "out") == card
-    other = SynthConfig.model_validate({**config(assets, pixel=0), "reference": {"generated_per_class": 0, "roundtrip": False}})
+    other = SynthConfig.model_validate(
+        {**config(assets, pixel=0), "reference": {"generated_per_class": 0, "roundtrip": False}}
+    )
     assert make_reference(other, tmp_path / "out")["counts"] == {}
+
+
+def test_shards_fall_back_to_cpu_without_a_gpu_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes on a one-GPU host (or `accelerate launch --cpu`) shard on the CPU instead of cuda:1."""
+    from synth.generate import _shard_on_cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert not _shard_on_cpu()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _shard_on_cpu()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert _shard_on_cpu()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert _shard_on_cpu()
