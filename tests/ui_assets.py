@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 from PIL import Image
+from serving import free_port
 
 from oodforge.backbones import BackboneConfig, build_classifier
 from oodforge.data.transforms import Preprocess
@@ -54,7 +60,9 @@ def write_gallery_outliers(root: Path) -> Path:
     rows = torch.from_numpy(rng.normal(size=(N_KNN, 4))).float()
     records = [{"id": f"knn-{i:04d}", "kept": True, "source_class": i % 3} for i in range(N_KNN)]
     writer.add_latents("knn", [r["id"] for r in records], rows, records)
-    writer.finalize({"generator": {"pretrained": "test fixture"}, "filter": {"k": 5, "quantile": 0.95, "threshold": 0.3}})
+    writer.finalize(
+        {"generator": {"pretrained": "test fixture"}, "filter": {"k": 5, "quantile": 0.95, "threshold": 0.3}}
+    )
     return root
 
 
@@ -85,3 +93,45 @@ def build_ui_assets(root: Path) -> UIAssets:
     spec["provenance"]["training"] = {"method": "ce"}
     (old / "detector.json").write_text(json.dumps(spec))
     return UIAssets(detectors=detectors, outliers=outliers, val_scores=val_scores)
+
+
+@dataclass
+class InProcessServer:
+    url: str
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+
+@contextmanager
+def serving_in_thread(env: dict[str, str], timeout: float = 60) -> Iterator[InProcessServer]:
+    """A real uvicorn on 127.0.0.1 serving ``api.app.create_app`` in a thread of this process.
+
+    Faster to start than a uvicorn subprocess (torch is already imported); the settings come from
+    ``env`` (OODFORGE_* names) exactly as the server reads them.
+    """
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import load_settings
+
+    threads = torch.get_num_threads()
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(load_settings(environ=env)), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started or httpx.get(f"{url}/readyz", timeout=2).status_code != 200:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the in-process server did not become ready in {timeout} s")
+            time.sleep(0.05)
+        yield InProcessServer(url)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        torch.set_num_threads(threads)  # the app's lifespan sets the server's torch threads
