@@ -126,10 +126,13 @@ def serving_in_thread(env: dict[str, str], timeout: float = 60) -> Iterator[InPr
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
-        while not server.started or httpx.get(f"{url}/readyz", timeout=2).status_code != 200:
+        while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the in-process server did not become ready in {timeout} s")
+                raise RuntimeError(f"the in-process server did not start in {timeout} s")
             time.sleep(0.05)
+        ready = httpx.get(f"{url}/readyz", timeout=10)  # the lifespan has loaded the detectors by now
+        if ready.status_code != 200:
+            raise RuntimeError(f"the in-process server is not ready: {ready.text}")
         yield InProcessServer(url)
     finally:
         server.should_exit = True

@@ -110,23 +110,25 @@ async function scoreOne(file, name) {
   const { item, verdict } = resultEntry(file);
   const body = new FormData();
   body.append("files", file, file.name);
+  let answer;
   try {
-    const answer = await apiJson(`/score?detector=${encodeURIComponent(name)}`, { method: "POST", body });
-    if (name !== state.name) return;
-    const r = answer.results[0];
-    state.marks.push({ score: r.score, is_ood: r.is_ood, name: file.name });
-    const n = state.marks.length;
-    item.className = `result ${r.is_ood ? "ood" : "id"}`;
-    item.dataset.index = String(n);
-    verdict.replaceChildren(
-      el("span", { class: `badge ${r.is_ood ? "ood" : "id"}` }, r.is_ood ? "OOD" : "ID"), ` #${n} `,
-      el("div", { class: "label" }, r.label === null ? "" : `label ${r.label} (${fmt(r.confidence)})`),
-      el("div", { class: "score" }, `score ${fmt(r.score)} vs threshold ${fmt(r.threshold)}`));
-    redraw();
+    answer = await apiJson(`/score?detector=${encodeURIComponent(name)}`, { method: "POST", body });
   } catch (err) {
     item.className = "result failed";
     verdict.replaceChildren(el("div", { class: "error" }, `refused (HTTP ${err.status || "?"}): ${err.message}`));
+    return;
   }
+  if (name !== state.name) return;
+  const r = answer.results[0];
+  state.marks.push({ score: r.score, is_ood: r.is_ood, name: file.name });
+  const n = state.marks.length;
+  item.className = `result ${r.is_ood ? "ood" : "id"}`;
+  item.dataset.index = String(n);
+  verdict.replaceChildren(
+    el("span", { class: `badge ${r.is_ood ? "ood" : "id"}` }, r.is_ood ? "OOD" : "ID"), ` #${n} `,
+    el("div", { class: "label" }, r.label === null ? "" : `label ${r.label} (${fmt(r.confidence)})`),
+    el("div", { class: "score" }, `score ${fmt(r.score)} vs threshold ${fmt(r.threshold)}`));
+  redraw();
 }
 
 async function scoreFiles(files) {

@@ -24,15 +24,6 @@ function drawHistogram(container, histogram, threshold, marks) {
   root.append(svg("rect", { x: left, y: top, width: Math.max(0, tx - left), height: base - top, fill: "#fbe9e7" }));
   root.append(svg("text", { x: tx - 6, y: top - 6, "font-size": 11, fill: "#c0392b", "text-anchor": "end" }, "← OOD (score < threshold)"));
   root.append(svg("text", { x: tx + 6, y: top - 6, "font-size": 11, fill: "#1f8a4c" }, "ID →"));
-  if (histogram) { lo = Math.min(lo, histogram.edges[0]); hi = Math.max(hi, histogram.edges[histogram.edges.length - 1]); }
-  if (!(hi > lo)) { lo -= 1; hi += 1; }
-  const pad = (hi - lo) * 0.04; lo -= pad; hi += pad;
-  const x = (v) => left + ((v - lo) / (hi - lo)) * (W - left - right);
-  const root = svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: "img" });
-  const base = H - bottom;
-  root.append(svg("rect", { x: left, y: top, width: Math.max(0, x(threshold) - left), height: base - top, fill: "#fbe9e7" }));
-  root.append(svg("text", { x: left + 4, y: top + 12, "font-size": 11, fill: "#c0392b" }, "OOD: score < threshold"));
-  root.append(svg("text", { x: W - right - 4, y: top + 12, "font-size": 11, fill: "#1f8a4c", "text-anchor": "end" }, "ID"));
   if (histogram) {
     const peak = Math.max(...histogram.counts, 1);
     histogram.counts.forEach((count, i) => {
