@@ -94,7 +94,7 @@ async def ui_outliers(
     """One page of a dataset's records (each with its filter decision and reason) and the dataset's card."""
     dataset = await run_in_threadpool(open_dataset, directory)
     filters = Filters(kept=kept, source_class=source_class or None, pool=pool or None)
-    return {**dataset.summary(), **dataset.page(filters, page, per_page)}
+    return {"dir": directory, **dataset.summary(), **dataset.page(filters, page, per_page)}
 
 
 @api.get("/outliers/image")

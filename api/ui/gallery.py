@@ -99,9 +99,9 @@ class GalleryDataset:
         return path
 
     def summary(self) -> dict[str, Any]:
-        """What the gallery's header shows: the card's counts and settings, the classes and pools."""
-        card = {k: v for k, v in self.card.items() if k not in ("config",)}
-        return {"dir": str(self.root), "card": card, "classes": self.classes(), "pools": self.pools()}
+        """What the gallery's header shows: the card (without the full config), the classes and pools."""
+        card = {k: v for k, v in self.card.items() if k != "config"}
+        return {"path": str(self.root), "card": card, "classes": self.classes(), "pools": self.pools()}
 
 
 def _natural(value: str) -> tuple[int, int, str]:

@@ -126,7 +126,7 @@ async function scoreOne(file, name) {
   item.dataset.index = String(n);
   verdict.replaceChildren(
     el("span", { class: `badge ${r.is_ood ? "ood" : "id"}` }, r.is_ood ? "OOD" : "ID"), ` #${n} `,
-    el("div", { class: "label" }, r.label === null ? "" : `label ${r.label} (${fmt(r.confidence)})`),
+    el("div", { class: "label" }, r.label === null ? "" : `label ${r.label} (confidence ${r.confidence.toFixed(3)})`),
     el("div", { class: "score" }, `score ${fmt(r.score)} vs threshold ${fmt(r.threshold)}`));
   redraw();
 }

@@ -41,7 +41,7 @@ function renderSummary(data) {
   const rows = Object.entries(counts).map(([pool, c]) => `${pool}: ${c.generated} generated, ${c.kept} kept, ${c.rejected} rejected`);
   const filter = card.filter ? `ID-near filter: k=${card.filter.k}, quantile ${card.filter.quantile}, threshold ${fmt(card.filter.threshold)}` : "";
   const generator = card.generator ? `generator ${card.generator.pretrained || JSON.stringify(card.generator)}` : "";
-  byId("summary").replaceChildren(el("div", {}, el("b", {}, data.dir)), el("div", {}, rows.join(" · ")), el("div", { class: "muted" }, [generator, filter].filter(Boolean).join(" · ")));
+  byId("summary").replaceChildren(el("div", {}, el("b", {}, data.dir), data.path === data.dir ? "" : el("span", { class: "muted" }, `  (${data.path})`)), el("div", {}, rows.join(" · ")), el("div", { class: "muted" }, [generator, filter].filter(Boolean).join(" · ")));
 }
 
 async function loadImage(holder, recordId) {
@@ -57,7 +57,7 @@ async function loadImage(holder, recordId) {
 
 function tile(r) {
   const decision = r.kept ? "kept" : "rejected";
-  const pic = el("div", { class: "pic" }, r.has_image ? "loading…" : (r.pool === "pixel" ? "no image: rejected candidates are not saved" : `${r.pool} latent: no image`));
+  const pic = el("div", { class: r.has_image ? "pic" : "pic none" }, r.has_image ? "loading…" : (r.pool === "pixel" ? "no image: rejected candidates are not saved" : `${r.pool} latent: no image`));
   if (r.has_image) loadImage(pic, r.id);
   return el("div", { class: `tile ${decision}`, "data-id": r.id, "data-kept": String(r.kept), "data-class": String(r.source_class) },
     pic, el("div", { class: "id" }, r.id), el("span", { class: `badge ${decision}` }, decision),

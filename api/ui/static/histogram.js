@@ -44,13 +44,18 @@ function drawHistogram(container, histogram, threshold, marks) {
   root.append(svg("text", { x: (left + W - right) / 2, y: H - 6, "font-size": 11, "text-anchor": "middle", fill: "#1d2430" }, "score (higher = more in-distribution)"));
   root.append(svg("line", { id: "threshold-line", x1: tx, y1: top - 20, x2: tx, y2: base, stroke: "#c0392b", "stroke-width": 2, "stroke-dasharray": "5 3" }));
   root.append(svg("text", { x: tx, y: top - 24, "font-size": 11, fill: "#c0392b", "text-anchor": "middle" }, `threshold ${fmt(threshold)}`));
+  const placed = [];  // [x, level] of the marks drawn so far: a close one goes one level lower
   marks.forEach((m, i) => {
     if (!Number.isFinite(m.score)) return;
     const mx = x(m.score), colour = m.is_ood ? "#c0392b" : "#1f8a4c";
+    let level = 0;
+    while (placed.some(([px, pl]) => pl === level && Math.abs(px - mx) < 17)) level += 1;
+    placed.push([mx, level]);
+    const my = markY + (level % 6) * 17;
     const g = svg("g", { class: "mark", "data-index": String(i) });
-    g.append(svg("line", { x1: mx, y1: markY, x2: mx, y2: base, stroke: colour, "stroke-width": 2 }));
-    g.append(svg("circle", { cx: mx, cy: markY, r: 8, fill: colour }));
-    g.append(svg("text", { x: mx, y: markY + 4, "font-size": 10, "text-anchor": "middle", fill: "#fff" }, String(i + 1)));
+    g.append(svg("line", { x1: mx, y1: my, x2: mx, y2: base, stroke: colour, "stroke-width": 2 }));
+    g.append(svg("circle", { cx: mx, cy: my, r: 8, fill: colour }));
+    g.append(svg("text", { x: mx, y: my + 4, "font-size": 10, "text-anchor": "middle", fill: "#fff" }, String(i + 1)));
     g.append(svg("title", {}, `#${i + 1} ${m.name}: score ${fmt(m.score)} → ${m.is_ood ? "OOD" : "ID"}`));
     root.append(g);
   });
