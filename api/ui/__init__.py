@@ -109,7 +109,7 @@ async def ui_outlier_image(
         known = record_id in dataset.by_id
         why = "this record has no image (rejected, or a latent outlier)" if known else "no such record"
         raise InputError(404, f"no image for record {record_id!r} in {directory!r}: {why}")
-    return FileResponse(path, media_type="image/png")
+    return FileResponse(path, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})
 
 
 router.include_router(api)

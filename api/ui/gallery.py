@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,7 @@ def _natural(value: str) -> tuple[int, int, str]:
 
 
 _CACHE: dict[tuple[str, int, int, int], GalleryDataset] = {}
+_CACHE_LOCK = threading.Lock()  # requests open datasets in worker threads
 
 
 def _stamp(root: Path) -> tuple[str, int, int, int]:
@@ -141,15 +143,19 @@ def open_dataset(directory: str) -> GalleryDataset:
         key = _stamp(root)
     except OSError as err:  # a name too long, a directory it may not read, ...
         raise not_a_dataset(directory, err.strerror or type(err).__name__) from None
-    if key not in _CACHE:
-        try:
-            card, records = read_metadata(root)
-        except (FileNotFoundError, ValueError) as err:
-            raise not_a_dataset(directory, str(err)) from None
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    try:
+        card, records = read_metadata(root)
+    except (FileNotFoundError, ValueError) as err:
+        raise not_a_dataset(directory, str(err)) from None
+    dataset = GalleryDataset(root, card, records)
+    with _CACHE_LOCK:
         while len(_CACHE) >= CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = GalleryDataset(root, card, records)
-    return _CACHE[key]
+        _CACHE[key] = dataset
+    return dataset
 
 
 def _values(tree: Any, key: str) -> Iterator[Any]:
