@@ -22,12 +22,12 @@ HOST         ?= 127.0.0.1
 PORT         ?= 8000
 SERVE_CONFIG ?= configs/serve/demo.yaml
 
-.PHONY: setup demo dense test lint serve publish clean help
+.PHONY: setup demo dense test browser lint serve publish clean help
 
 help:
 	@echo "make demo   set up .venv; python -m trainer.pipeline on mnist-open: CE -> generator -> teacher -> outliers -> OAL -> report ($(DEMO))"
 	@echo "make dense  set up .venv; train + evaluate + export a dense (per-pixel) detector on mnist-scenes with flow negatives"
-	@echo "make test   set up .venv and run the test suite"
+	@echo "make test   set up .venv, install the headless browser if missing (make browser) and run the test suite"
 	@echo "make lint   ruff check"
 	@echo "make serve  serve detectors over HTTP (uvicorn api.app:app) on $(HOST):$(PORT) with $(SERVE_CONFIG)"
 
@@ -71,8 +71,24 @@ dense: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(NPROC)} $(LAUNCH) trainer/train_dense.py --config configs/train/dense_flow.yaml --resume
 	@echo "dense run:  runs/dense_flow   (report.md, plots/maps.png, detector/ <- serve with make serve)"
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# the headless browser that tests/test_ui_browser.py drives (Debian's chromium and its chromedriver):
+# installed when missing and this runs as root with apt-get; it never fails the run (without a browser
+# that test is skipped and says why)
+BROWSER_PACKAGES ?= chromium chromium-driver
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES)
+browser:
+	@if command -v chromedriver >/dev/null 2>&1 && { command -v chromium || command -v chromium-browser || command -v google-chrome; } >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing $(BROWSER_PACKAGES) for the /ui browser test (apt-get)"; \
+		{ $(APT_INSTALL) >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && $(APT_INSTALL) >/dev/null 2>&1; }; } \
+			|| echo "could not install $(BROWSER_PACKAGES): tests/test_ui_browser.py will be skipped"; \
+	else \
+		echo "no chromium + chromedriver, and no root apt-get to install them: tests/test_ui_browser.py will be skipped"; \
+	fi
 
 serve: setup
 	OODFORGE_SERVE_CONFIG=$(SERVE_CONFIG) $(BIN)/uvicorn api.app:app --host $(HOST) --port $(PORT)

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import oodforge
-from api import v2
+from api import ui, v2
 from api.batching import MicroBatcher
 from api.detectors import DetectorTable, UnknownDetector
 from api.images import InputError
@@ -136,6 +136,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(router)
     app.include_router(v2.router)
+    ui.install(app)
     return app
 
 

@@ -493,6 +493,45 @@ def preview_grid(paths: list[Path], per_row: int) -> Image.Image:
 # --------------------------------------------------------------------------- reading
 
 
+def read_metadata(root: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``card.json`` and every record of ``metadata.jsonl`` of a finished dataset (no latents, no images).
+
+    The cheap part of :meth:`OutlierDataset.load`, for readers that only show the records (``/ui``).
+
+    Raises:
+        FileNotFoundError: the directory, its card or its metadata is missing (the message says what to run).
+        ValueError: the card or the metadata is malformed.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"outlier dataset {root} does not exist; generate it with the synth stage")
+    card_file = root / CARD_FILE
+    if not card_file.is_file():
+        if _journals(root):
+            raise FileNotFoundError(
+                f"{card_file} is missing: generation of {root} did not finish; {_RUN_HINT}"
+            )
+        raise FileNotFoundError(f"{card_file} is missing: {root} is not an outlier dataset written by synth")
+    try:
+        card = json.loads(card_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{card_file} is not valid JSON ({err}); {_RUN_HINT}") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"{card_file} must hold a JSON object; {_RUN_HINT}")
+    if card.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ValueError(
+            f"{card_file} has format_version {card['format_version']}; upgrade oodforge to read it"
+        )
+    meta_file = root / METADATA_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file} is missing; {_RUN_HINT}")
+    data = meta_file.read_bytes()
+    if data and not data.endswith(b"\n"):
+        raise ValueError(f"{meta_file} ends with a partial line (the copy is incomplete); {_RUN_HINT}")
+    records = _read_jsonl(meta_file)
+    return card, records
+
+
 @dataclass
 class OutlierDataset:
     """A finished outlier dataset: metadata records, card, latent pools and kept images.
@@ -525,36 +564,8 @@ class OutlierDataset:
             ValueError: a file is malformed or the files disagree with each other.
         """
         root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(
-                f"outlier dataset {root} does not exist; generate it with the synth stage"
-            )
-        card_file = root / CARD_FILE
-        if not card_file.is_file():
-            if _journals(root):
-                raise FileNotFoundError(
-                    f"{card_file} is missing: generation of {root} did not finish; {_RUN_HINT}"
-                )
-            raise FileNotFoundError(
-                f"{card_file} is missing: {root} is not an outlier dataset written by synth"
-            )
-        try:
-            card = json.loads(card_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{card_file} is not valid JSON ({err}); {_RUN_HINT}") from None
-        if not isinstance(card, dict):
-            raise ValueError(f"{card_file} must hold a JSON object; {_RUN_HINT}")
-        if card.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(
-                f"{card_file} has format_version {card['format_version']}; upgrade oodforge to read it"
-            )
+        card, records = read_metadata(root)
         meta_file = root / METADATA_FILE
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{meta_file} is missing; {_RUN_HINT}")
-        data = meta_file.read_bytes()
-        if data and not data.endswith(b"\n"):
-            raise ValueError(f"{meta_file} ends with a partial line (the copy is incomplete); {_RUN_HINT}")
-        records = _read_jsonl(meta_file)
         latents, ids = _load_latents(root, records)
         for pool in LATENT_POOLS:
             kept = sorted(r["id"] for r in records if r.get("pool") == pool and r.get("kept") is True)

@@ -79,3 +79,10 @@ def ood_assets(tmp_path_factory: pytest.TempPathFactory) -> OODAssets:
         no_sd=write_outliers(root / "no-sd", TEACHER_WIDTH, sd=False),
         wide_knn=write_outliers(root / "wide-knn", TEACHER_WIDTH + 8, sd=True),
     )
+
+
+@pytest.fixture(scope="session")
+def ui_assets(tmp_path_factory: pytest.TempPathFactory):
+    from ui_assets import build_ui_assets
+
+    return build_ui_assets(tmp_path_factory.mktemp("ui-assets"))

@@ -10,7 +10,7 @@ from PIL import Image
 
 from oodforge.backbones import BackboneConfig, build_classifier
 from oodforge.data.transforms import Preprocess
-from oodforge.detector import ArtifactError, ClassifierDetector, Detector
+from oodforge.detector import ArtifactError, ClassifierDetector, Detector, calibrate, score_histogram
 from oodforge.scores import build_score
 
 TINY = {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]}
@@ -119,3 +119,26 @@ def test_save_replaces_atomically(detector: Detector, tmp_path: Path) -> None:
     detector.save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["det"]
     Detector.load(path)
+
+
+def test_the_calibration_scores_histogram_is_stored_and_old_artifacts_load_without_it(
+    detector: Detector, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(3)
+    val = np.concatenate([rng.normal(size=200), [np.nan]])  # a non-finite score is left out of the bins
+    calibrated = ClassifierDetector(detector.model, detector.score, detector.spec.model_copy())
+    threshold, calibrated.spec.calibration = calibrate(val[np.isfinite(val)], 0.9)
+    path = calibrated.save(tmp_path / "det")
+    stored = json.loads((path / "detector.json").read_text())["calibration"]["histogram"]
+    expected_counts, expected_edges = np.histogram(val[:200], bins=40)
+    assert stored["counts"] == expected_counts.tolist() and sum(stored["counts"]) == 200
+    np.testing.assert_allclose(stored["edges"], expected_edges)
+    assert stored["edges"][0] == val[:200].min() and stored["edges"][-1] == val[:200].max()
+    assert "histogram" not in Detector.load(path).describe()["threshold"]  # describe() stays small
+    assert score_histogram(val).counts == stored["counts"]  # nan dropped
+    assert score_histogram(np.full(5, 2.0)).model_dump() == {"edges": [1.5, 2.5], "counts": [5]}
+    assert score_histogram(np.array([np.inf])) is None
+    spec = json.loads((path / "detector.json").read_text())
+    del spec["calibration"]["histogram"]  # as written before the histogram existed
+    (path / "detector.json").write_text(json.dumps(spec))
+    assert Detector.load(path).spec.calibration.histogram is None

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -73,6 +74,12 @@ def test_exported_detector_scores_like_training(ce_run: Path) -> None:
     bench = load_benchmark(DataConfig())
     val = detector.predict([bench.val[i][0] for i in range(len(bench.val))])
     assert (~val.is_ood).mean() >= 0.95 and (~val.is_ood).mean() < 0.96
+    histogram = detector.spec.calibration.histogram  # of the val scores the threshold was chosen on
+    counts, edges = np.histogram(val.scores, bins=len(histogram.counts))
+    assert sum(histogram.counts) == len(bench.val) == detector.spec.calibration.n_samples
+    np.testing.assert_allclose(histogram.edges, edges, rtol=1e-5, atol=1e-6)
+    # float noise may move a score across an edge
+    assert np.abs(np.array(histogram.counts) - counts).sum() <= 2
     test = detector.predict([bench.test[i][0] for i in range(len(bench.test))])
     near = bench.ood["digits-6-9"].images
     ood = detector.predict([near[i][0] for i in range(len(near))])

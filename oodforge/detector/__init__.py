@@ -14,11 +14,18 @@ Example:
 
 from oodforge.artifacts import SPEC_FILE, WEIGHTS_FILE, ArtifactError
 from oodforge.detector.base import KINDS, Detector, load_plugins, make_spec, read_spec, register_kind
-from oodforge.detector.calibration import calibrate
+from oodforge.detector.calibration import calibrate, score_histogram
 from oodforge.detector.classifier import ClassifierDetector, ClassifierHead
 from oodforge.detector.dense import MAP_ENCODING, DenseDetector, DenseHead, anomaly_png
 from oodforge.detector.prediction import Prediction
-from oodforge.detector.spec import FORMAT_VERSION, Calibration, DetectorSpec, InputSpec, ScoreSpec
+from oodforge.detector.spec import (
+    FORMAT_VERSION,
+    Calibration,
+    DetectorSpec,
+    InputSpec,
+    ScoreHistogram,
+    ScoreSpec,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -36,6 +43,7 @@ __all__ = [
     "DetectorSpec",
     "InputSpec",
     "Prediction",
+    "ScoreHistogram",
     "ScoreSpec",
     "anomaly_png",
     "calibrate",
@@ -43,4 +51,5 @@ __all__ = [
     "make_spec",
     "read_spec",
     "register_kind",
+    "score_histogram",
 ]

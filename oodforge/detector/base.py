@@ -225,7 +225,11 @@ class Detector:
             "input": {"shape": list(self.input_shape), **spec.input.model_dump(mode="json")},
             "preprocess": spec.preprocess.model_dump(mode="json"),
             "score": self.describe_score(),
-            "threshold": {"value": spec.threshold, **spec.calibration.model_dump(), "score": spec.score.name},
+            "threshold": {
+                "value": spec.threshold,
+                **spec.calibration.model_dump(exclude={"histogram"}),  # bins: spec.calibration.histogram
+                "score": spec.score.name,
+            },
             "metrics": spec.metrics,
         }
 

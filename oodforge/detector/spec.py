@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from oodforge.artifacts import WEIGHTS_FILE
 from oodforge.config import StrictModel
@@ -47,13 +47,38 @@ class ScoreSpec(StrictModel):
     params: dict[str, Any] = {}
 
 
+class ScoreHistogram(StrictModel):
+    """A compact histogram of the ID scores a threshold was calibrated on (for plots, e.g. ``/ui``).
+
+    Attributes:
+        edges: ``len(counts) + 1`` increasing bin edges; the last bin includes its right edge.
+        counts: Number of scores in each bin.
+    """
+
+    edges: list[float] = Field(..., min_length=2)
+    counts: list[int]
+
+    @model_validator(mode="after")
+    def _one_count_per_bin(self) -> ScoreHistogram:
+        if len(self.counts) != len(self.edges) - 1:
+            raise ValueError(
+                f"{len(self.edges)} edges need {len(self.edges) - 1} counts, got {len(self.counts)}"
+            )
+        return self
+
+
 class Calibration(StrictModel):
-    """How the threshold was chosen: on ``split`` ID images, accepting ``target_id_tpr`` of them."""
+    """How the threshold was chosen: on ``split`` ID images, accepting ``target_id_tpr`` of them.
+
+    ``histogram`` (artifacts exported since it was added; ``None`` in older ones) summarises the
+    calibration scores themselves.
+    """
 
     split: str = "val"
     target_id_tpr: float = Field(0.95, gt=0, le=1)
     n_samples: int = Field(..., ge=1)
     rule: str = CALIBRATION_RULE
+    histogram: ScoreHistogram | None = None
 
 
 class Provenance(StrictModel):
