@@ -269,9 +269,23 @@ def main() -> int:
         *csid_rows(reports),
         "",
     ]
-    if ce:
+    for name in ("ce", "ce+cov"):
+        if name in reports:
+            lines.append(
+                f"{name}: best post-hoc score on test near OOD (reference only, picked on test): {best_posthoc(reports[name])}."
+            )
+    teacher = Path("runs/teacher/detector")
+    if teacher.is_dir():
+        path = OUT / "teacher-shortcut.json"
+        if not path.is_file():
+            _run([sys.executable, "-m", "trainer.shortcut", "--detector", str(teacher), "--outliers", "runs/outliers",
+                  "--out", str(path)], "teacher shortcut")  # fmt: skip
+        t = json.loads(path.read_text())
+        keys = ("real_id_accept", "generated_id_accept", "roundtrip_id_accept", "generated_outlier_accept")
         lines.append(
-            f"CE's best post-hoc score on test near OOD (reference only, picked on test): {best_posthoc(ce)}."
+            "Teacher (`runs/teacher`) shortcut: real / gen / roundtrip / outlier accept "
+            + " / ".join(f"{100 * t[k]:.2f}" for k in keys)
+            + f", probe AUROC {100 * t['probe_auroc']:.2f}."
         )
     oal_rows = [n for n in reports if not n.startswith("ce")]
     if oal_rows:
