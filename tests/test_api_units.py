@@ -20,7 +20,16 @@ from api.images import MAX_FILENAME_CHARS, InputError, decode_base64, decode_upl
 from api.multipart import MultipartError, read_multipart
 from api.routes import score_body
 from api.schemas import ScoreResponse
-from api.settings import Batching, Limits, decode_threads, env_overrides, inference_threads, load_settings
+from api.settings import (
+    Batching,
+    Limits,
+    Resources,
+    decode_threads,
+    env_overrides,
+    inference_threads,
+    load_settings,
+    resources,
+)
 from oodforge.config import ConfigError
 from oodforge.detector import Detector
 
@@ -270,15 +279,21 @@ def test_a_broken_artifact_is_reported_and_the_rest_still_serve(ood_assets, tmp_
 
 
 def test_workers_share_the_cores_among_their_torch_threads():
-    cores = os.cpu_count() or 1
     settings = load_settings(environ={})
-    assert inference_threads(settings, {}) == cores
-    assert inference_threads(settings, {"WEB_CONCURRENCY": str(cores * 2)}) == 1
-    assert inference_threads(settings, {"WEB_CONCURRENCY": "junk"}) == cores
-    pinned = load_settings(environ={"OODFORGE_TORCH_THREADS": "3", "OODFORGE_DECODE_THREADS": "5"})
-    assert inference_threads(pinned, {"WEB_CONCURRENCY": "8"}) == 3
-    assert decode_threads(pinned, {"WEB_CONCURRENCY": "8"}) == 5
-    assert decode_threads(settings, {"WEB_CONCURRENCY": "1"}) == cores
+    # defaults: a worker per core, the cores shared out among torch threads, the rest to decode processes
+    assert resources(settings, {}, cores=2) == Resources(2, 2, 1, 0, 1)
+    assert resources(settings, {}, cores=16) == Resources(16, 16, 1, 0, 1)
+    assert resources(settings, {"WEB_CONCURRENCY": "1"}, cores=2) == Resources(2, 1, 2, 1, 1)
+    assert resources(settings, {"WEB_CONCURRENCY": "4"}, cores=16) == Resources(16, 4, 4, 12, 1)
+    assert resources(settings, {"WEB_CONCURRENCY": "8"}, cores=2) == Resources(2, 8, 1, 0, 1)
+    assert resources(settings, {"WEB_CONCURRENCY": "junk"}, cores=2).workers == 2
+    pinned = load_settings(
+        environ={"OODFORGE_WORKERS": "3", "OODFORGE_TORCH_THREADS": "2", "OODFORGE_DECODE_PROCESSES": "0"}
+    )
+    assert resources(pinned, {"WEB_CONCURRENCY": "8"}, cores=16) == Resources(16, 3, 2, 0, 1)
+    assert inference_threads(pinned, {}) == 2
+    assert decode_threads(load_settings(environ={"OODFORGE_DECODE_THREADS": "5"}), {}) == 5
+    assert resources(settings, {}).cores == len(os.sched_getaffinity(0))  # taskset / cpusets count
 
 
 def test_a_lone_request_does_not_wait_and_an_announced_one_is_waited_for(ood_assets):
