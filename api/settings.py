@@ -29,6 +29,7 @@ CONFIG_ENV = "OODFORGE_SERVE_CONFIG"
 RAW_ENV_KEYS = ("api_keys",)  # taken verbatim: a key such as "yes" or "0123" must stay a string
 
 IMAGE_FORMATS = DEFAULT_FORMATS
+CORES_PER_WORKER = 4  # default workers = cores // 4: each worker's loop + model beside its decode processes
 
 
 class Limits(StrictModel):
@@ -84,14 +85,13 @@ class ServeSettings(StrictModel):
         device: torch device for inference.
         workers: uvicorn worker processes sharing the machine (``python -m api`` starts that many; with
             plain ``uvicorn --workers N`` set it, or ``$WEB_CONCURRENCY``, to ``N``). Default:
-            ``$WEB_CONCURRENCY``, else the CPU cores this process may use (each worker then has its own
-            event loop, GIL and batcher: the profile in BENCHMARKS "Serving" says why).
-        torch_threads: Intra-op threads per worker (default: cores / workers, at least 1), so that the
-            workers' models do not oversubscribe the cores.
-        decode_processes: Processes per worker that decode and pre-process uploads (a pool started with
-            the worker), taking that CPU work off the event loop's and the model's GIL; 0 decodes in
-            ``decode_threads`` threads of the worker itself. Default: the cores left over once every worker
-            has one (cores - workers), i.e. 0 when there are as many workers as cores.
+            ``$WEB_CONCURRENCY``, else one per 4 CPU cores this process may use (at least 1).
+        torch_threads: Intra-op threads per worker. Default: half of a worker's share of the cores (at
+            least 1), so that the models and the decode processes do not oversubscribe the cores.
+        decode_processes: Processes per worker that decode and pre-process uploads, each with its own GIL,
+            so decoding never stalls the event loop or the model (BENCHMARKS "Serving" has the profile that
+            chose this). 0 decodes in ``decode_threads`` threads of the worker itself. Default: the
+            worker's share of the cores (cores // workers).
         decode_threads: Threads per worker that decode uploads when ``decode_processes`` is 0 (PIL and
             torch release the GIL there); default 1.
         decode_inline_bytes: Requests whose images add up to at most this many bytes are decoded on the
@@ -168,19 +168,20 @@ def resources(
 ) -> Resources:
     """The worker count, torch threads and decoders of ``settings``, defaults derived from the cores.
 
-    ``workers`` = setting, else ``$WEB_CONCURRENCY`` (uvicorn's worker-count variable), else the cores;
-    ``torch_threads`` = setting, else cores // workers (at least 1); ``decode_processes`` = setting, else
-    the cores no worker has (cores - workers, at least 0); ``decode_threads`` = setting, else 1.
+    ``workers`` = setting, else ``$WEB_CONCURRENCY``, else cores // 4 (at least 1); a worker's share is
+    cores // workers (at least 1); ``torch_threads`` = setting, else half the share (at least 1);
+    ``decode_processes`` = setting, else the share; ``decode_threads`` = setting, else 1.
     """
     environ = os.environ if environ is None else environ
     cores = cores or available_cores()
-    workers = settings.workers or _env_workers(environ) or cores
+    workers = settings.workers or _env_workers(environ) or max(1, cores // CORES_PER_WORKER)
+    share = max(1, cores // workers)
     processes = settings.decode_processes
     return Resources(
         cores=cores,
         workers=workers,
-        torch_threads=settings.torch_threads or max(1, cores // workers),
-        decode_processes=max(0, cores - workers) if processes is None else processes,
+        torch_threads=settings.torch_threads or max(1, share // 2),
+        decode_processes=share if processes is None else processes,
         decode_threads=settings.decode_threads or 1,
     )
 

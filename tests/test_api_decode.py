@@ -74,7 +74,7 @@ def test_the_settings_are_reported_and_the_decode_process_runs(pooled):
     assert serving == {
         "cores": cores,
         "workers": 1,
-        "torch_threads": cores,
+        "torch_threads": max(1, cores // 2),
         "decode_processes": 1,
         "decode_threads": 1,
     }

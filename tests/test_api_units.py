@@ -280,13 +280,14 @@ def test_a_broken_artifact_is_reported_and_the_rest_still_serve(ood_assets, tmp_
 
 def test_workers_share_the_cores_among_their_torch_threads():
     settings = load_settings(environ={})
-    # defaults: a worker per core, the cores shared out among torch threads, the rest to decode processes
-    assert resources(settings, {}, cores=2) == Resources(2, 2, 1, 0, 1)
-    assert resources(settings, {}, cores=16) == Resources(16, 16, 1, 0, 1)
-    assert resources(settings, {"WEB_CONCURRENCY": "1"}, cores=2) == Resources(2, 1, 2, 1, 1)
-    assert resources(settings, {"WEB_CONCURRENCY": "4"}, cores=16) == Resources(16, 4, 4, 12, 1)
-    assert resources(settings, {"WEB_CONCURRENCY": "8"}, cores=2) == Resources(2, 8, 1, 0, 1)
-    assert resources(settings, {"WEB_CONCURRENCY": "junk"}, cores=2).workers == 2
+    # defaults: a worker per 4 cores; of its share of the cores, half to torch, all to decode processes
+    assert resources(settings, {}, cores=2) == Resources(2, 1, 1, 2, 1)
+    assert resources(settings, {}, cores=1) == Resources(1, 1, 1, 1, 1)
+    assert resources(settings, {}, cores=16) == Resources(16, 4, 2, 4, 1)
+    assert resources(settings, {"WEB_CONCURRENCY": "2"}, cores=2) == Resources(2, 2, 1, 1, 1)
+    assert resources(settings, {"WEB_CONCURRENCY": "4"}, cores=32) == Resources(32, 4, 4, 8, 1)
+    assert resources(settings, {"WEB_CONCURRENCY": "8"}, cores=2) == Resources(2, 8, 1, 1, 1)
+    assert resources(settings, {"WEB_CONCURRENCY": "junk"}, cores=2).workers == 1
     pinned = load_settings(
         environ={"OODFORGE_WORKERS": "3", "OODFORGE_TORCH_THREADS": "2", "OODFORGE_DECODE_PROCESSES": "0"}
     )
