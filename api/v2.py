@@ -328,7 +328,8 @@ def pixel_input(
     array = oip.numeric_array(tensor, raw)
     if tensor.datatype == "FP32" and (not np.isfinite(array).all() or array.min() < 0 or array.max() > 1):
         raise InputError(
-            400, "input 'pixels': FP32 values must be finite and in [0, 1] (RGB / 255); or send UINT8 0..255 as 'pixels_uint8'"
+            400,
+            "input 'pixels': FP32 values must be finite and in [0, 1] (RGB / 255); or send UINT8 0..255 as 'pixels_uint8'",
         )
     return detector.preprocess.tensor(torch.from_numpy(np.array(array)))
 

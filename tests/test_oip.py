@@ -186,7 +186,8 @@ def test_model_metadata_lists_exactly_the_inputs_and_datatypes_infer_accepts(ser
             if (name, datatype) in declared:
                 continue
             array = np.zeros((1, 3, 32, 32), triton.triton_to_np_dtype(datatype))
-            err = error_of(lambda: client.infer("tiny", [pixels_input(array, datatype, name)]))
+            tensor = pixels_input(array, datatype, name)
+            err = error_of(lambda tensor=tensor: client.infer("tiny", [tensor]))
             assert err.status() == "400" and f"input {name!r} must be" in err.message()
             if datatype in ("FP32", "UINT8"):
                 other = "pixels_uint8" if datatype == "UINT8" else "pixels"
@@ -272,7 +273,11 @@ def test_an_unknown_model_and_version_are_404(served):
         (lambda: [pixels_input(np.zeros((1, 3, 28, 28), np.uint8), "UINT8")], 400, "[-1, 3, 32, 32]"),
         (lambda: [pixels_input(np.full((1, 3, 32, 32), 2.0, np.float32), "FP32")], 400, "[0, 1]"),
         (lambda: [pixels_input(np.zeros((1, 3, 32, 32), np.int32), "INT32")], 400, "FP32"),
-        (lambda: [pixels_input(np.zeros((1, 3, 32, 32), np.uint8), "UINT8", "pixels")], 400, "'pixels_uint8'"),
+        (
+            lambda: [pixels_input(np.zeros((1, 3, 32, 32), np.uint8), "UINT8", "pixels")],
+            400,
+            "'pixels_uint8'",
+        ),
         (lambda: [images_input(b"plain text, no pixels")], 415, "not a recognised image"),
         (lambda: [images_input(PNG[:100])], 400, "truncated or corrupt"),
         (lambda: [images_input(*[PNG] * (MAX_FILES + 1))], 413, "above the limit of 4"),
