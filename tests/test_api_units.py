@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -329,3 +332,22 @@ def test_a_lone_request_does_not_wait_and_an_announced_one_is_waited_for(ood_ass
     assert sizes == [1, 2]
     assert stages == ["model", "queue", "model", "queue", "queue"]  # a model time per batch, a wait per job
     assert lone < 1.0 and 0.2 <= announced < 1.5  # far below the 3 s max_wait either way
+
+
+def test_the_launcher_passes_overrides_to_the_workers_and_refuses_wrong_keys():
+    from api.__main__ import override_env
+
+    assert override_env(["workers=2", "limits.max_files=8"]) == {
+        "OODFORGE_WORKERS": "2",
+        "OODFORGE_LIMITS__MAX_FILES": "8",
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OODFORGE_")}
+    wrong = subprocess.run(
+        [sys.executable, "-m", "api", "--set", "decode_processes=-1", "--set", "limits.max_filez=3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
+    assert wrong.returncode != 0 and "decode_processes" in wrong.stderr and "uvicorn" not in wrong.stdout
