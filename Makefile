@@ -29,7 +29,7 @@ help:
 	@echo "make dense  set up .venv; train + evaluate + export a dense (per-pixel) detector on mnist-scenes with flow negatives"
 	@echo "make test   set up .venv, install the headless browser if missing (make browser) and run the test suite"
 	@echo "make lint   ruff check"
-	@echo "make serve  serve detectors over HTTP (uvicorn api.app:app) on $(HOST):$(PORT) with $(SERVE_CONFIG)"
+	@echo "make serve  serve detectors over HTTP (python -m api: uvicorn, workers from the settings) on $(HOST):$(PORT) with $(SERVE_CONFIG)"
 
 setup: $(STAMP)
 
@@ -91,7 +91,7 @@ browser:
 	fi
 
 serve: setup
-	OODFORGE_SERVE_CONFIG=$(SERVE_CONFIG) $(BIN)/uvicorn api.app:app --host $(HOST) --port $(PORT)
+	OODFORGE_SERVE_CONFIG=$(SERVE_CONFIG) $(BIN)/python -m api --host $(HOST) --port $(PORT)
 
 lint: setup
 	$(BIN)/ruff check oodforge synth trainer api tests bench

@@ -1,9 +1,12 @@
 """The FastAPI app: ``create_app(settings)`` for programs and tests, module-level ``app`` for uvicorn.
 
-    uvicorn api.app:app --host 127.0.0.1 --port 8000 --workers 2     # settings from OODFORGE_* / YAML
+    python -m api --host 127.0.0.1 --port 8000          # uvicorn with settings.workers worker processes
+    uvicorn api.app:app --workers 2                     # or uvicorn itself (set OODFORGE_WORKERS=2 too)
 
-Startup loads every detector once (in a thread), starts one micro-batcher per detector and the pool of
-threads that decode uploads; ``/readyz`` turns 200 when the default detector is loaded. Client mistakes
+Startup resolves how this worker uses the cores (:func:`api.settings.resources`: workers, torch threads,
+decode processes; logged, and shown by ``GET /detectors``), loads every detector once (in a thread),
+starts one micro-batcher per detector and the decode processes (or threads); ``/readyz`` turns 200 when
+the default detector is loaded. Client mistakes
 become 4xx with a message that says what to do — ``{"detail": "..."}`` on the oodforge API,
 ``{"error": "..."}`` under ``/v2`` (the Open Inference Protocol's form); anything else is logged and
 answered with a generic 500.
@@ -31,7 +34,7 @@ from api.images import InputError
 from api.metrics import MetricsMiddleware, ServerMetrics
 from api.pipeline import Decoder
 from api.routes import router
-from api.settings import ServeSettings, decode_threads, inference_threads, load_settings
+from api.settings import ServeSettings, load_settings, resources
 
 log = logging.getLogger("oodforge.api")
 
@@ -86,21 +89,46 @@ async def _internal_error(request: Request, err: Exception) -> JSONResponse:
     return JSONResponse({key: "internal server error; the server log has the details"}, status_code=500)
 
 
+def _log_to_stderr() -> None:
+    """Make the ``oodforge.api`` INFO lines (start-up settings, loaded detectors) visible beside uvicorn's."""
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        log.addHandler(handler)
+
+
 def create_app(settings: ServeSettings | None = None) -> FastAPI:
     """Build the app; detectors load when it starts (lifespan), not here."""
     settings = settings or load_settings()
+    _log_to_stderr()
     metrics = ServerMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        torch.set_num_threads(inference_threads(settings))
+        use = resources(settings)
+        torch.set_num_threads(use.torch_threads)
+        log.info(
+            "serving with %d worker(s) on %d core(s): %d torch thread(s) per worker, %s",
+            use.workers,
+            use.cores,
+            use.torch_threads,
+            f"{use.decode_processes} decode process(es) per worker"
+            if use.decode_processes
+            else f"decoding in {use.decode_threads} thread(s) of the worker",
+        )
+        app.state.resources = use
         table = await run_in_threadpool(DetectorTable.load, settings)
         if not table.detectors:
             log.error(
                 "no detector could be loaded from %s: %s", settings.detectors_dir, table.failed or "empty"
             )
         app.state.table = table
-        app.state.decoder = Decoder(decode_threads(settings), metrics)
+        app.state.decoder = Decoder(
+            use.decode_threads, use.decode_processes, metrics, settings.decode_inline_bytes
+        )
+        await app.state.decoder.start()
         app.state.batchers = {
             name: MicroBatcher(
                 detector,

@@ -52,7 +52,8 @@ class MicroBatcher:
     """Collects jobs for one detector into batches.
 
     ``on_batch(n)`` is called with each batch's size; ``on_stage(stage, seconds)`` with each job's wait
-    for its batch (``"queue"``) and each batch's forward pass (``"model"``).
+    for its batch (``"queue"``) and each batch's forward pass (``"model"``, timed in the inference thread,
+    so it is the model's time, not the thread hop's).
     """
 
     def __init__(
@@ -155,11 +156,14 @@ class MicroBatcher:
         """False once the background task has ended (``/readyz`` turns 503)."""
         return self._task is not None and not self._task.done()
 
-    def _batch(self, jobs: list[_Job]) -> Prediction:
+    def _batch(self, jobs: list[_Job]) -> tuple[Prediction, float]:
+        """The batch's prediction and its forward pass's seconds (timed in the inference thread)."""
         pixels = torch.cat([j.pixels for j in jobs])
         if self.on_batch is not None:
             self.on_batch(len(pixels))
-        return self._infer(pixels)
+        start = time.perf_counter()
+        prediction = self._infer(pixels)
+        return prediction, time.perf_counter() - start
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -169,14 +173,14 @@ class MicroBatcher:
                 continue
             started = time.perf_counter()
             try:
-                prediction = await loop.run_in_executor(self._executor, self._batch, jobs)
+                prediction, forward_s = await loop.run_in_executor(self._executor, self._batch, jobs)
             except Exception as err:  # noqa: BLE001 - hand the failure to every waiting request, go on
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(err)
                 continue
             if self.on_stage is not None:
-                self.on_stage("model", time.perf_counter() - started)
+                self.on_stage("model", forward_s)
                 for job in jobs:
                     self.on_stage("queue", started - job.submitted)
             start = 0

@@ -31,6 +31,10 @@ class InputError(Exception):
         self.status = status
         self.message = message
 
+    def __reduce__(self) -> tuple[type[InputError], tuple[int, str]]:
+        """Pickle as ``(status, message)``: the error travels back from a decode process intact."""
+        return type(self), (self.status, self.message)
+
 
 def image_label(filename: str | None, index: int) -> str:
     """How messages name an upload: ``image 3 (cat.png)``, with very long names shortened."""

@@ -26,6 +26,7 @@ from api.schemas import (
     ErrorBody,
     ScoreRequest,
     ScoreResponse,
+    Serving,
     Status,
     ThresholdInfo,
 )
@@ -194,12 +195,13 @@ async def score(
     "/detectors", response_model=DetectorList, dependencies=[Depends(require_api_key)], responses=_ERRORS
 )
 async def list_detectors(request: Request) -> DetectorList:
-    """List the loaded detectors, the default one, and those that failed to load."""
+    """List the loaded detectors, the default one, those that failed to load, and the serving settings."""
     table = request.app.state.table
     return DetectorList(
         default=table.default,
         detectors=[detector_info(n, d, table.default) for n, d in sorted(table.detectors.items())],
         failed=table.failed,
+        serving=Serving(**request.app.state.resources._asdict()),
     )
 
 

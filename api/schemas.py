@@ -122,12 +122,23 @@ class DetectorInfo(BaseModel):
     metrics: dict[str, Any]
 
 
+class Serving(BaseModel):
+    """How the answering worker uses the machine (``workers``, ``torch_threads``, ``decode_*`` resolved)."""
+
+    cores: int = Field(..., description="CPU cores this worker may run on")
+    workers: int = Field(..., description="uvicorn worker processes sharing them")
+    torch_threads: int = Field(..., description="intra-op threads of each worker's models")
+    decode_processes: int = Field(..., description="decode processes per worker (0: decode_threads threads)")
+    decode_threads: int = Field(..., description="decode threads per worker when decode_processes is 0")
+
+
 class DetectorList(BaseModel):
-    """The loaded detectors, the default one, and those that failed to load."""
+    """The loaded detectors, the default one, those that failed to load, and the serving settings."""
 
     default: str | None
     detectors: list[DetectorInfo]
     failed: dict[str, str] = Field(default_factory=dict, description="name -> why it did not load")
+    serving: Serving
 
 
 class Status(BaseModel):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import Field, SecretStr, field_validator
 
@@ -29,6 +29,7 @@ CONFIG_ENV = "OODFORGE_SERVE_CONFIG"
 RAW_ENV_KEYS = ("api_keys",)  # taken verbatim: a key such as "yes" or "0123" must stay a string
 
 IMAGE_FORMATS = DEFAULT_FORMATS
+CORES_PER_WORKER = 4  # default workers = cores // 4: each worker's loop + model beside its decode processes
 
 
 class Limits(StrictModel):
@@ -82,11 +83,20 @@ class ServeSettings(StrictModel):
             the first name in sorted order).
         api_keys: When non-empty, ``/score`` and ``/detectors*`` need ``Authorization: Bearer <key>``.
         device: torch device for inference.
-        torch_threads: Intra-op threads per worker process (default: CPU cores / ``$WEB_CONCURRENCY``,
-            uvicorn's worker-count variable, so that workers do not oversubscribe the cores).
-        decode_threads: Threads per worker process that decode and pre-process uploads (PIL and torch
-            release the GIL there, so they run in parallel with the event loop); default: CPU cores /
-            ``$WEB_CONCURRENCY``.
+        workers: uvicorn worker processes sharing the machine (``python -m api`` starts that many; with
+            plain ``uvicorn --workers N`` set it, or ``$WEB_CONCURRENCY``, to ``N``). Default:
+            ``$WEB_CONCURRENCY``, else one per 4 CPU cores this process may use (at least 1).
+        torch_threads: Intra-op threads per worker. Default: half of a worker's share of the cores (at
+            least 1), so that the models and the decode processes do not oversubscribe the cores.
+        decode_processes: Processes per worker that decode and pre-process uploads, each with its own GIL,
+            so decoding never stalls the event loop or the model (BENCHMARKS "Serving" has the profile that
+            chose this). 0 decodes in ``decode_threads`` threads of the worker itself. Default: the
+            worker's share of the cores (cores // workers).
+        decode_threads: Threads per worker that decode uploads when ``decode_processes`` is 0 (PIL and
+            torch release the GIL there); default 1.
+        decode_inline_bytes: Requests whose images add up to at most this many bytes are decoded on the
+            event loop (sending a few small images elsewhere costs more than decoding them); 0 sends
+            every request to the decode processes or threads.
         plugins: Python modules imported at startup that register more detector kinds
             (``OODFORGE_PLUGINS=mypkg.kinds``); installed ``oodforge.detector_kinds`` entry points load too.
     """
@@ -96,8 +106,11 @@ class ServeSettings(StrictModel):
     default_detector: str | None = None
     api_keys: list[SecretStr] = []
     device: str = "cpu"
+    workers: int | None = Field(None, ge=1)
     torch_threads: int | None = Field(None, ge=1)
+    decode_processes: int | None = Field(None, ge=0)
     decode_threads: int | None = Field(None, ge=1)
+    decode_inline_bytes: int = Field(16 * 1024, ge=0)
     plugins: list[str] = []
     limits: Limits = Limits()
     batching: Batching = Batching()
@@ -119,21 +132,68 @@ class ServeSettings(StrictModel):
         return value
 
 
-def _cores_per_worker(environ: Mapping[str, str] | None) -> int:
-    """The CPU cores shared out among ``$WEB_CONCURRENCY`` worker processes (at least 1)."""
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: ``taskset`` and cpusets count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not every platform has sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+class Resources(NamedTuple):
+    """How one worker process uses the machine, every ``None`` setting resolved (see :func:`resources`).
+
+    Attributes:
+        cores: CPU cores this process may use.
+        workers: Worker processes sharing them.
+        torch_threads: Intra-op threads of this worker's models.
+        decode_processes: Decode processes of this worker (0: it decodes in its own threads).
+        decode_threads: Decode threads of this worker when ``decode_processes`` is 0.
+    """
+
+    cores: int
+    workers: int
+    torch_threads: int
+    decode_processes: int
+    decode_threads: int
+
+
+def _env_workers(environ: Mapping[str, str]) -> int | None:
+    value = environ.get("WEB_CONCURRENCY", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def resources(
+    settings: ServeSettings, environ: Mapping[str, str] | None = None, cores: int | None = None
+) -> Resources:
+    """The worker count, torch threads and decoders of ``settings``, defaults derived from the cores.
+
+    ``workers`` = setting, else ``$WEB_CONCURRENCY``, else cores // 4 (at least 1); a worker's share is
+    cores // workers (at least 1); ``torch_threads`` = setting, else half the share (at least 1);
+    ``decode_processes`` = setting, else the share; ``decode_threads`` = setting, else 1.
+    """
     environ = os.environ if environ is None else environ
-    workers = int(environ.get("WEB_CONCURRENCY", "1")) if environ.get("WEB_CONCURRENCY", "").isdigit() else 1
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    cores = cores or available_cores()
+    workers = settings.workers or _env_workers(environ) or max(1, cores // CORES_PER_WORKER)
+    share = max(1, cores // workers)
+    processes = settings.decode_processes
+    return Resources(
+        cores=cores,
+        workers=workers,
+        torch_threads=settings.torch_threads or max(1, share // 2),
+        decode_processes=share if processes is None else processes,
+        decode_threads=settings.decode_threads or 1,
+    )
 
 
 def inference_threads(settings: ServeSettings, environ: Mapping[str, str] | None = None) -> int:
-    """``settings.torch_threads``, else the CPU cores shared out among ``$WEB_CONCURRENCY`` workers."""
-    return settings.torch_threads or _cores_per_worker(environ)
+    """``settings.torch_threads``, else the CPU cores shared out among the workers."""
+    return resources(settings, environ).torch_threads
 
 
 def decode_threads(settings: ServeSettings, environ: Mapping[str, str] | None = None) -> int:
-    """``settings.decode_threads``, else the CPU cores shared out among ``$WEB_CONCURRENCY`` workers."""
-    return settings.decode_threads or _cores_per_worker(environ)
+    """``settings.decode_threads``, else 1 (used when ``decode_processes`` is 0)."""
+    return resources(settings, environ).decode_threads
 
 
 def env_overrides(environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:

@@ -3,12 +3,11 @@
 The body is streamed with a byte budget (413 as soon as it is exceeded, before anything is parsed when
 ``Content-Length`` already says so), then handed to the reader registered for its content type. Each
 reader returns ``(filename, bytes)`` pairs; counting and decoding happen in one place afterwards
-(:func:`decode_one`, run for each image by :class:`api.pipeline.Decoder`).
+(:func:`api.decoding.prepare_one`, run for each image by :class:`api.pipeline.Decoder`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import NamedTuple
 
@@ -17,13 +16,13 @@ import torch
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from api.images import InputError, decode_base64, decode_upload
+from api.decoding import DecodedImage, Recipe, Upload, prepare_one
+from api.images import InputError, decode_base64
 from api.multipart import MultipartError, read_multipart
 from api.schemas import ScoreRequest
 from api.settings import Limits
 from oodforge.detector import Detector
 
-Upload = tuple[str | None, bytes]
 FIELD = "files"
 HOW_TO = (
     "send multipart/form-data with one or more files in the field 'files' "
@@ -130,44 +129,20 @@ class DecodedBatch(NamedTuple):
     sizes: list[tuple[int, int]]
 
 
-class DecodedImage(NamedTuple):
-    """One upload as model input, its full-resolution ``(height, width)`` and the seconds each step took."""
-
-    pixels: torch.Tensor
-    size: tuple[int, int]
-    decode_s: float
-    preprocess_s: float
-
-
 def decode_one(
     upload: Upload, index: int, detector: Detector, limits: Limits, formats: Sequence[str] | None = None
 ) -> DecodedImage:
-    """Decode one upload for ``detector`` and pre-process it (CPU work that releases the GIL).
+    """Decode one upload for ``detector`` and pre-process it (:func:`prepare_one` with its :class:`Recipe`).
 
-    JPEGs are decoded at a reduced scale when ``limits.jpeg_draft`` (as ``Detector.predict`` does on
-    bytes); only this image's full-size decode is held, until its model input is made.
+    JPEGs are decoded at a reduced scale when ``limits.jpeg_draft`` (as ``Detector.predict`` does on bytes).
     """
-    name, data = upload
-    start = time.perf_counter()
-    draft = detector.input_shape[-1] if limits.jpeg_draft else None
-    decoded = decode_upload(
-        data,
-        name,
-        limits,
-        index=index,
-        background=detector.spec.input.background,
-        draft=draft,
-        formats=formats,
-    )
-    decoded_at = time.perf_counter()
-    pixels = detector.preprocess(decoded.image)
-    width, height = decoded.size
-    return DecodedImage(pixels, (height, width), decoded_at - start, time.perf_counter() - decoded_at)
+    return prepare_one(upload, index, Recipe.of(detector, limits), limits, formats)
 
 
 def decode_batch(
     uploads: list[Upload], detector: Detector, limits: Limits, formats: Sequence[str] | None = None
 ) -> DecodedBatch:
     """Decode and pre-process every upload for ``detector``, one after the other, in this thread."""
-    images = [decode_one(u, i, detector, limits, formats) for i, u in enumerate(uploads)]
+    recipe = Recipe.of(detector, limits)
+    images = [prepare_one(u, i, recipe, limits, formats) for i, u in enumerate(uploads)]
     return DecodedBatch(torch.stack([im.pixels for im in images]), [im.size for im in images])

@@ -19,8 +19,10 @@ Inputs (send exactly one): ``image`` — BYTES, one encoded image file per eleme
 ``image/png``, ``image/jpeg``, ... (only that format is accepted), ``image/*`` or
 ``application/octet-stream`` (any served format), or ``base64`` (the elements are base64 text of the
 files). As binary data an element is the file's bytes; in JSON it is base64 text, a plain string or
-``{"b64": "..."}`` (``data:`` URLs too). ``pixels`` — FP32 RGB in [0, 1] or UINT8 0..255, shape
-``[N, 3, S, S]`` with ``S`` the detector's input side; normalised as the detector's pre-processing says.
+``{"b64": "..."}`` (``data:`` URLs too). ``pixels`` — FP32 RGB in [0, 1], or ``pixels_uint8`` — UINT8
+RGB 0..255, shape ``[N, 3, S, S]`` with ``S`` the detector's input side; normalised as the detector's
+pre-processing says. The protocol gives a metadata tensor one datatype, so each accepted datatype of
+pre-processed pixels is its own input, and model metadata lists exactly what infer accepts.
 
 Outputs, each of shape ``[N]``: ``score`` FP32 (higher = more in-distribution), ``is_ood`` BOOL, and for
 detectors that label images (classifiers) ``label`` BYTES (the class name) and ``confidence`` FP32.
@@ -51,7 +53,9 @@ from api.uploads import DecodedBatch, Upload, limited_stream
 from oodforge.detector import Detector, Prediction
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
-IMAGE, PIXELS = "image", "pixels"
+IMAGE = "image"
+PIXEL_INPUTS = {"pixels": "FP32", "pixels_uint8": "UINT8"}  # input name -> its one datatype
+PIXEL_RANGE = {"FP32": "RGB in [0, 1]", "UINT8": "RGB 0..255"}
 MIME_FORMATS = {
     "image/png": "PNG",
     "image/jpeg": "JPEG",
@@ -116,7 +120,10 @@ def model_metadata(name: str, detector: Detector) -> dict[str, Any]:
         "platform": f"oodforge_{detector.kind}",
         "inputs": [
             {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
-            {"name": PIXELS, "datatype": "FP32", "shape": [-1, *detector.input_shape]},
+            *(
+                {"name": name, "datatype": datatype, "shape": [-1, *detector.input_shape]}
+                for name, datatype in PIXEL_INPUTS.items()
+            ),
         ],
         "outputs": [{"name": n, "datatype": t, "shape": [-1]} for n, t in output_types(detector).items()],
     }
@@ -292,16 +299,26 @@ def image_uploads(tensor: oip.RequestInput, raw: bytes | None, limits: Limits) -
 def pixel_input(
     tensor: oip.RequestInput, raw: bytes | None, detector: Detector, limits: Limits
 ) -> torch.Tensor:
-    """The model input of a ``pixels`` input (RGB ``[N, 3, S, S]``, FP32 in [0, 1] or UINT8)."""
+    """The model input of a ``pixels`` (FP32 in [0, 1]) or ``pixels_uint8`` (UINT8) input, RGB ``[N, 3, S, S]``."""
     shape = [-1, *detector.input_shape]
-    if tensor.datatype not in ("FP32", "UINT8"):
+    expected = PIXEL_INPUTS[tensor.name]
+    if tensor.datatype != expected:
+        other = next((n for n, t in PIXEL_INPUTS.items() if t == tensor.datatype), None)
+        hint = (
+            f"send {tensor.datatype} pixels as the input {other!r}"
+            if other
+            else "pixel inputs: "
+            + ", ".join(f"{n!r} {t} ({PIXEL_RANGE[t]})" for n, t in PIXEL_INPUTS.items())
+        )
         raise InputError(
-            400, f"input 'pixels' must be FP32 (RGB in [0, 1]) or UINT8 (0..255), not {tensor.datatype}"
+            400,
+            f"input {tensor.name!r} must be {expected} ({PIXEL_RANGE[expected]}), not {tensor.datatype}; {hint} "
+            "(GET /v2/models/{name} lists the inputs)",
         )
     if len(tensor.shape) != 4 or tensor.shape[1:] != shape[1:] or tensor.shape[0] < 1:
         raise InputError(
             400,
-            f"input 'pixels' has shape {tensor.shape}; this model takes {shape} (N RGB images, channels first, "
+            f"input {tensor.name!r} has shape {tensor.shape}; this model takes {shape} (N RGB images, channels first, "
             f"at its input side {shape[-1]}); resize them, or send the encoded files as the 'image' input",
         )
     if tensor.shape[0] > limits.max_files:
@@ -311,7 +328,8 @@ def pixel_input(
     array = oip.numeric_array(tensor, raw)
     if tensor.datatype == "FP32" and (not np.isfinite(array).all() or array.min() < 0 or array.max() > 1):
         raise InputError(
-            400, "input 'pixels': FP32 values must be finite and in [0, 1] (RGB / 255); or send UINT8 0..255"
+            400,
+            "input 'pixels': FP32 values must be finite and in [0, 1] (RGB / 255); or send UINT8 0..255 as 'pixels_uint8'",
         )
     return detector.preprocess.tensor(torch.from_numpy(np.array(array)))
 
@@ -361,16 +379,16 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         body = await read_body(request, limits)
         infer_request, raw = oip.parse_request(body, request.headers.get(oip.HEADER_LENGTH))
         parsed["request"], parsed["plan"] = infer_request, _Plan(infer_request, name, detector)
-        if len(infer_request.inputs) != 1 or infer_request.inputs[0].name not in (IMAGE, PIXELS):
+        if len(infer_request.inputs) != 1 or infer_request.inputs[0].name not in (IMAGE, *PIXEL_INPUTS):
             sent = ", ".join(repr(t.name) for t in infer_request.inputs)
             raise InputError(
                 400,
-                f"send exactly one input, 'image' (BYTES: encoded image files) or 'pixels' (FP32/UINT8 "
-                f"{[-1, *detector.input_shape]}); got {sent}",
+                f"send exactly one input, 'image' (BYTES: encoded image files), 'pixels' (FP32 "
+                f"{[-1, *detector.input_shape]}, RGB in [0, 1]) or 'pixels_uint8' (UINT8, RGB 0..255); got {sent}",
             )
         tensor = infer_request.inputs[0]
-        if tensor.name == PIXELS:
-            pixels = pixel_input(tensor, raw.get(PIXELS), detector, limits)
+        if tensor.name in PIXEL_INPUTS:
+            pixels = pixel_input(tensor, raw.get(tensor.name), detector, limits)
             state.metrics.observe_stage("read", time.perf_counter() - start)
             side = detector.input_shape[-1]
             return DecodedBatch(pixels, [(side, side)] * len(pixels))

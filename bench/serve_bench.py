@@ -1,27 +1,29 @@
-"""Serving benchmark -> BENCHMARKS.md: a real uvicorn server under load vs the bare model.
+"""Serving benchmark -> BENCHMARKS.md: a real server under load vs the same work in-process, in one run.
 
-    .venv/bin/python -m bench.serve_bench --no-write            # ~4 min on 2 cores; prints the section
-    .venv/bin/python -m bench.serve_bench --duration 2 --sustain 3 --concurrency 1,8 --no-write   # smoke
+    .venv/bin/python -m bench.serve_bench --detectors-dir runs --detector oal --no-write   # ~3 min; prints it
+    .venv/bin/python -m bench.serve_bench --duration 2 --sustain 3 --concurrency 1,32 --no-write   # smoke
 
-1. Test images: 640x480 JPEG photos (quality 90), random crops of the skimage photos (astronaut, coffee,
-   chelsea, rocket, ...) resized to 640x480, each encoded once; ``N_BODIES`` distinct ones.
-2. Bare baseline, in this process before the server starts: the same photos decoded and pre-processed
-   once, exactly as the server does (``limits.jpeg_draft`` included), then ``Detector.predict_pixels``
-   on batches of the size the server can form at that level (the model alone; no decode, no HTTP).
-   Also measured: decode and pre-processing alone, one image at a time on one thread.
-3. Starts ``python -m uvicorn api.app:app`` on a free port (settings through ``OODFORGE_*``), waits for
-   ``/readyz``, and always stops it at the end.
-4. For each concurrency level: that many asyncio workers (one keep-alive connection each, raw HTTP/1.1
-   with pre-built requests, the lightest load generator) POST ``/score`` back to back (multipart
-   ``files``, bodies encoded once) for ``--duration`` seconds after a warm-up; images/s, requests/s,
-   p50/p99 latency, errors, the server's mean batch size and where its time went (the
-   ``oodforge_stage_seconds`` histograms of ``/metrics``: read, decode, preprocess, queue, model,
-   respond), and how much CPU the server and the client used. The client shares the machine's cores
-   with the server, so served figures include the load generator's own cost.
-5. Sustained load at the largest level for ``--sustain`` seconds: zero errors expected; the server's
-   resident memory (VmRSS of its process tree, from /proc) before and after.
+All three measure the same JPEG bytes (``N_BODIES`` 640x480 photos, quality 90: random crops of the
+skimage photos, each encoded once) with the same torch thread count, the server's (``torch_threads`` as
+:func:`api.settings.resources` resolves it for the server's environment, checked against ``GET
+/detectors``):
 
-Exit status 1 if any request failed.
+1. In-process pipeline (the headline's denominator): what a user gets without the server on the same
+   cores, ``Detector.predict`` on the encoded bytes in batches of 32 (decode with JPEG draft, pre-process,
+   forward, score, one thread of Python).
+2. Model alone: ``Detector.predict_pixels`` on already pre-processed batches of 32, and, after the served
+   run, of each level's mean server batch (so the model's time per image inside the server, from
+   ``/metrics``, is compared at the batch size it really ran).
+3. The server: ``python -m api`` (uvicorn with the settings' ``workers``; settings through ``OODFORGE_*``)
+   on a free port. For each concurrency level that many asyncio workers (one keep-alive connection each,
+   raw HTTP/1.1 with pre-built multipart ``/score`` requests: the lightest load generator) POST back to
+   back for ``--duration`` seconds after a warm-up: images/s, p50/p99 latency, errors, mean server batch,
+   the ``oodforge_stage_seconds`` of ``/metrics`` (read, decode, preprocess, queue, model, respond) and
+   the CPU the server and the client used. The client shares the cores with the server.
+4. Sustained load at the largest level for ``--sustain`` seconds: errors and the server's resident memory
+   (VmRSS of its process tree: workers and decode processes, from /proc) before and after.
+
+Headline: served / in-process img/s at concurrency 32. Exit status 1 if any request failed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -51,23 +54,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from api.detectors import artifact_dir  # noqa: E402
 from api.metrics import STAGES  # noqa: E402
-from api.settings import Limits  # noqa: E402
+from api.settings import Limits, Resources, load_settings, resources  # noqa: E402
 from api.uploads import decode_one  # noqa: E402
 from bench.common import BENCHMARKS_MD, machine, write_section  # noqa: E402
 from oodforge.detector import Detector  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-GOAL_RATIO = 0.8
+GOAL_RATIO = 0.8  # served / in-process pipeline
+GOAL_MODEL_RATIO = 1.5  # model ms/image in the server / model alone at the same batch
+GOAL_RSS_MIB = 20.0  # RSS growth over the sustained phase
 GOAL_CONCURRENCY = 32
+PIPELINE_BATCH = 32
 CLIENT_BOUND_CPU = 90  # % of one core: above this the single-process load generator is the bottleneck
 N_BODIES = 64  # distinct request bodies cycled through by the workers
-BARE_SECONDS = 5.0  # the bare model's throughput is steady: at most this long per batch size and thread count
-OWN_ENV = (  # the server settings this script sets; other OODFORGE_* variables are inherited (and reported)
+BARE_SECONDS = 5.0  # in-process and model-alone figures are steady: at most this long each
+SETTINGS_ENV = {  # bench flag -> server setting it sets (other OODFORGE_* variables are inherited, reported)
+    "workers": "OODFORGE_WORKERS",
+    "threads": "OODFORGE_TORCH_THREADS",
+    "decode_processes": "OODFORGE_DECODE_PROCESSES",
+    "decode_threads": "OODFORGE_DECODE_THREADS",
+}
+OWN_ENV = (
     "OODFORGE_DETECTORS_DIR", "OODFORGE_DEFAULT_DETECTOR", "OODFORGE_BATCHING__MAX_BATCH_SIZE",
-    "OODFORGE_BATCHING__MAX_WAIT_MS", "OODFORGE_TORCH_THREADS", "OODFORGE_LIMITS__JPEG_DRAFT",
-    "OODFORGE_DECODE_THREADS",
+    "OODFORGE_BATCHING__MAX_WAIT_MS", "OODFORGE_LIMITS__JPEG_DRAFT", *SETTINGS_ENV.values(),
 )  # fmt: skip
-
 
 # ---------------------------------------------------------------- test images
 
@@ -117,7 +127,7 @@ def server_pixels(detector: Detector, photos: list[bytes], jpeg_draft: bool) -> 
     )
 
 
-def bare_throughput(detector: Detector, pixels: torch.Tensor, batch: int, seconds: float) -> float:
+def model_alone(detector: Detector, pixels: torch.Tensor, batch: int, seconds: float) -> float:
     """Images/s of ``Detector.predict_pixels`` alone on already pre-processed batches of ``batch``."""
     cursor = 0
 
@@ -127,15 +137,33 @@ def bare_throughput(detector: Detector, pixels: torch.Tensor, batch: int, second
         cursor += batch
         detector.predict_pixels(pixels[rows])
 
+    return _rate(one_batch, batch, seconds)
+
+
+def in_process(detector: Detector, photos: list[bytes], seconds: float, batch: int = PIPELINE_BATCH) -> float:
+    """Images/s of ``Detector.predict`` on the encoded bytes, ``batch`` at a time (decode -> score, in-process)."""
+    cursor = 0
+
+    def one_batch() -> None:
+        nonlocal cursor
+        chunk = [photos[(cursor + k) % len(photos)] for k in range(batch)]
+        cursor += batch
+        detector.predict(chunk, batch_size=batch)
+
+    return _rate(one_batch, batch, seconds)
+
+
+def _rate(step: Callable[[], None], per_step: int, seconds: float) -> float:
+    """Images/s of ``step()`` (``per_step`` images each) over ``seconds``, after a warm-up of 1 s and 2 steps."""
     warm, warm_until = 0, time.perf_counter() + min(1.0, seconds)
-    while warm < 2 or time.perf_counter() < warm_until:  # warm-up: 2 batches and 1 s at least
-        one_batch()
+    while warm < 2 or time.perf_counter() < warm_until:
+        step()
         warm += 1
     done, start = 0, time.perf_counter()
     while done < 3 or time.perf_counter() - start < seconds:
-        one_batch()
+        step()
         done += 1
-    return done * batch / (time.perf_counter() - start)
+    return done * per_step / (time.perf_counter() - start)
 
 
 def decode_cost(
@@ -204,33 +232,41 @@ class ServerError(RuntimeError):
     """The server died or did not become ready; the message holds the end of its output."""
 
 
+def server_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment the server starts with: this one plus the settings the flags set."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "OODFORGE_DETECTORS_DIR": str(args.detectors_dir.resolve()),
+            "OODFORGE_DEFAULT_DETECTOR": args.detector,
+            "OODFORGE_BATCHING__MAX_BATCH_SIZE": str(args.max_batch_size),
+            "OODFORGE_BATCHING__MAX_WAIT_MS": str(args.max_wait_ms),
+            "OODFORGE_LIMITS__JPEG_DRAFT": "false" if args.no_jpeg_draft else "true",
+        }
+    )
+    for flag, name in SETTINGS_ENV.items():
+        if getattr(args, flag) is not None:
+            env[name] = str(getattr(args, flag))
+    return env
+
+
+def server_resources(args: argparse.Namespace) -> Resources:
+    """The workers, torch threads and decoders the server will resolve (same settings, same cores)."""
+    return resources(load_settings(environ=server_env(args)), environ=server_env(args))
+
+
 class ServerProcess:
-    """``python -m uvicorn api.app:app`` as a child process; a context manager that always stops it."""
+    """``python -m api`` (uvicorn with the settings' workers) as a child process; a context manager that
+    always stops it."""
 
     def __init__(self, args: argparse.Namespace, log_path: Path, metrics_dir: Path | None):
         self.args = args
         self.url = f"http://{args.host}:{args.port}"
         self.log_path = log_path
-        self.command = [
-            sys.executable, "-m", "uvicorn", "api.app:app",
-            "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
-        ]  # fmt: skip
+        self.command = [sys.executable, "-m", "api", "--host", args.host, "--port", str(args.port)]
         if args.no_access_log:
             self.command.append("--no-access-log")
-        self.env = dict(os.environ)
-        self.env.update(
-            {
-                "OODFORGE_DETECTORS_DIR": str(args.detectors_dir.resolve()),
-                "OODFORGE_DEFAULT_DETECTOR": args.detector,
-                "OODFORGE_BATCHING__MAX_BATCH_SIZE": str(args.max_batch_size),
-                "OODFORGE_BATCHING__MAX_WAIT_MS": str(args.max_wait_ms),
-                "OODFORGE_LIMITS__JPEG_DRAFT": "false" if args.no_jpeg_draft else "true",
-            }
-        )
-        if args.threads:
-            self.env["OODFORGE_TORCH_THREADS"] = str(args.threads)
-        if args.decode_threads:
-            self.env["OODFORGE_DECODE_THREADS"] = str(args.decode_threads)
+        self.env = server_env(args)
         if metrics_dir is not None:  # several workers: /metrics aggregates them through this directory
             self.env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -460,6 +496,7 @@ class ServedRun:
     rss_before: float
     rss_after: float
     loaded: list[str]
+    serving: dict[str, int]  # GET /detectors "serving": what the server resolved
 
 
 async def serve_and_load(
@@ -470,6 +507,8 @@ async def serve_and_load(
     top = max(args.concurrency)
     limits = httpx.Limits(max_connections=top, max_keepalive_connections=top)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as client:
+        serving = (await client.get(f"{server.url}/detectors")).json()["serving"]
+        print(f"  serving settings (GET /detectors): {serving}", flush=True)
         levels = []
         for c in args.concurrency:
             result = await run_load(
@@ -485,7 +524,7 @@ async def serve_and_load(
             )
             rss_after = rss_mib(server.pids())
             print(f"  sustained {args.sustain:g} s at {top}: {describe(sustained)}", flush=True)
-    return ServedRun(levels, sustained, rss_ready, rss_before, rss_after, loaded)
+    return ServedRun(levels, sustained, rss_ready, rss_before, rss_after, loaded, serving)
 
 
 def describe(r: LoadResult) -> str:
@@ -501,6 +540,28 @@ def describe(r: LoadResult) -> str:
 # ---------------------------------------------------------------- report
 
 
+@dataclass
+class Baselines:
+    """What ran in this process, with the server's torch threads.
+
+    Attributes:
+        threads: torch threads (the server's).
+        in_process: img/s of ``Detector.predict`` on the bytes, batches of ``PIPELINE_BATCH``.
+        model: img/s of ``predict_pixels`` alone by batch size (``PIPELINE_BATCH`` and each level's mean batch).
+        decode_ms: One photo's decode, one thread.
+        preprocess_ms: One photo's pre-processing, one thread.
+    """
+
+    threads: int
+    in_process: float
+    model: dict[int, float]
+    decode_ms: float
+    preprocess_ms: float
+
+    def model_ms(self, batch: int) -> float:
+        return 1000.0 / self.model[batch]
+
+
 def versions() -> str:
     out = []
     for pkg in ("fastapi", "uvicorn", "starlette", "httpx"):  # torch: in machine()
@@ -509,119 +570,135 @@ def versions() -> str:
     return ", ".join(out)
 
 
-def bare_batch(c: int, args: argparse.Namespace) -> int:
-    """The largest batch the server can form at concurrency ``c``."""
-    return min(c * args.images_per_request, args.max_batch_size)
+def served_batch(r: LoadResult) -> int:
+    """The level's mean server batch, rounded (at least 1): the batch size the model alone is timed at."""
+    return max(1, round(r.mean_batch or 1))
+
+
+def verdict(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
 
 
 def report(
-    args: argparse.Namespace,
-    run: ServedRun,
-    bare: dict[int, float],
-    bare_threads: dict[int, int],
-    costs: tuple[float, float],
-    command: str,
-    load_at_start: float,
+    args: argparse.Namespace, run: ServedRun, base: Baselines, command: str, load_at_start: float
 ) -> str:
-    threads = args.threads or f"torch default ({torch.get_num_threads()} in this process)"
     inherited = sorted(k for k in os.environ if k.startswith("OODFORGE_") and k not in OWN_ENV)
+    serving = run.serving
+    decoders = (
+        f"{serving['decode_processes']} decode process(es) per worker"
+        if serving["decode_processes"]
+        else f"decoding in {serving['decode_threads']} thread(s) of each worker"
+    )
     lines = [
-        "## Serving: HTTP throughput and latency on 640x480 JPEG photos vs the bare model",
+        "## Serving 640x480 JPEG photos: the server vs the same work in-process",
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}; {versions()}; "
-        f"1-minute load average at the start {load_at_start:.2f}.",
+        f"1-minute load average at the start {load_at_start:.2f}"
+        + (
+            " (**the cores were shared with other jobs: figures are noisy, lower bounds**)"
+            if load_at_start > 1
+            else ""
+        )
+        + ".",
         f"Command: `{command}`.",
         "",
-        f"Server: `python -m uvicorn api.app:app --workers {args.workers}`"
-        + (" --no-access-log" if args.no_access_log else " (access log on)")
-        + f", detector `{args.detector}` from `{args.detectors_dir}` (loaded: {', '.join(run.loaded)}), "
-        f"micro-batching `max_batch_size={args.max_batch_size}`, `max_wait_ms={args.max_wait_ms:g}`, "
-        f"`limits.jpeg_draft={'false' if args.no_jpeg_draft else 'true'}`, torch threads: {threads}, "
-        f"decode threads: {args.decode_threads or 'default (cores / workers)'}"
+        f"Server: `python -m api` (uvicorn{' --no-access-log' if args.no_access_log else ', access log on'}), "
+        f"detector `{args.detector}` from `{args.detectors_dir}` (loaded: {', '.join(run.loaded)}); as "
+        f"`GET /detectors` reports it: {serving['workers']} worker(s) on {serving['cores']} core(s), "
+        f"{serving['torch_threads']} torch thread(s) per worker, {decoders}; micro-batching "
+        f"`max_batch_size={args.max_batch_size}`, `max_wait_ms={args.max_wait_ms:g}`; "
+        f"`limits.jpeg_draft={'false' if args.no_jpeg_draft else 'true'}`"
         + (f"; inherited environment: {', '.join(inherited)}" if inherited else "")
         + ".",
-        f"Load: N concurrent asyncio workers, one keep-alive HTTP/1.1 connection each (raw pre-built requests), "
-        f"each POSTing multipart `/score` with "
-        f"{args.images_per_request} image(s) per request ({N_BODIES} distinct 640x480 JPEG photos, quality 90, "
-        f"random crops of skimage's {', '.join(PHOTOS)}; bodies encoded once) back to back for "
-        f"{args.duration:g} s after a {args.warmup:g} s warm-up. "
-        f"**The load generator runs on the same {os.cpu_count()} cores as the server**: served figures "
-        "include its CPU cost (CPU column: % of one core used by the server / by the client; mean server "
-        "batch: images per forward pass, from `/metrics`, warm-up included).",
-        "Bare: in the benchmark process, before the server starts: the same photos decoded and "
-        "pre-processed once as the server does, then `Detector.predict_pixels` (forward + score) alone on "
-        "batches of min(concurrency x images/request, max_batch_size), the largest batch the server can form, "
-        f"for {min(args.duration, BARE_SECONDS):g} s "
-        + (
-            f"with {args.threads} torch thread(s) (--threads, as the server)"
-            if args.threads
-            else "with torch's default threads and with one thread, the faster counted"
-        )
-        + " (bare column: img/s (batch, torch threads)); no decode, no HTTP. "
-        f"For scale: decoding one photo takes {costs[0]:.2f} ms and pre-processing it {costs[1]:.2f} ms on one "
-        "thread of this process (the server's settings).",
+        f"Load: N asyncio workers, one keep-alive HTTP/1.1 connection each, POST multipart `/score` with "
+        f"{args.images_per_request} image(s) per request back to back ({N_BODIES} distinct 640x480 JPEGs, "
+        f"quality 90, crops of skimage's {', '.join(PHOTOS)}), {args.duration:g} s per level after a "
+        f"{args.warmup:g} s warm-up. **The load generator runs on the same cores as the server** (CPU "
+        "column: % of one core used by the server's processes / by the client).",
+        f"In-process pipeline (same run, same bytes, {base.threads} torch thread(s) as the server): "
+        f"`Detector.predict(bytes, batch_size={PIPELINE_BATCH})` on {PIPELINE_BATCH} photos at a time = "
+        f"**{base.in_process:.1f} img/s**. Model alone (`predict_pixels` on pre-processed batches of "
+        f"{PIPELINE_BATCH}): {base.model[PIPELINE_BATCH]:.1f} img/s. One photo's decode {base.decode_ms:.2f} ms "
+        f"+ pre-processing {base.preprocess_ms:.2f} ms (one thread).",
         "",
-        "| concurrency | served img/s | req/s | p50 ms | p99 ms | errors | mean server batch "
-        "| CPU % server / client | bare img/s (batch) | served/bare |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| concurrency | served img/s | p50 ms | p99 ms | errors | mean server batch | CPU % server / client "
+        "| served / in-process |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in run.levels:
         batch = f"{r.mean_batch:.1f}" if r.mean_batch is not None else "-"
-        b = bare[r.concurrency]
         lines.append(
-            f"| {r.concurrency} | {r.images_per_s:.1f} | {r.requests_per_s:.1f} | {r.pct(50):.1f} | "
-            f"{r.pct(99):.1f} | {r.errors} | {batch} | {r.server_cpu:.0f} / {r.client_cpu:.0f} | "
-            f"{b:.1f} ({bare_batch(r.concurrency, args)}, {bare_threads[r.concurrency]}t) | "
-            f"{r.images_per_s / b:.2f}x |"
+            f"| {r.concurrency} | {r.images_per_s:.1f} | {r.pct(50):.1f} | {r.pct(99):.1f} | {r.errors} | "
+            f"{batch} | {r.server_cpu:.0f} / {r.client_cpu:.0f} | {r.images_per_s / base.in_process:.2f}x |"
         )
-    lines.append("")
     busy = [r.concurrency for r in run.levels if r.client_cpu >= CLIENT_BOUND_CPU]
     if busy:
         lines += [
-            f"At concurrency {', '.join(map(str, busy))} the load generator (one Python process) used "
-            f">= {CLIENT_BOUND_CPU}% of a core: there the client, not only the server, limits the served figures.",
             "",
+            f"At concurrency {', '.join(map(str, busy))} the load generator used >= {CLIENT_BOUND_CPU}% of a "
+            "core: there the client, not only the server, limits the served figures.",
         ]
-    goal = next((r for r in run.levels if r.concurrency == GOAL_CONCURRENCY), None)
-    if goal is None:
-        lines.append(
-            f"Goal (served >= {GOAL_RATIO} x bare at concurrency {GOAL_CONCURRENCY}): not measured, "
-            f"concurrency {GOAL_CONCURRENCY} was not among the levels."
-        )
-    else:
-        ratio = goal.images_per_s / bare[GOAL_CONCURRENCY]
-        verdict = "**met**" if ratio >= GOAL_RATIO else "**not met**"
-        lines.append(
-            f"Goal (served >= {GOAL_RATIO} x bare at concurrency {GOAL_CONCURRENCY}): {verdict} ({ratio:.2f}x)."
-        )
     lines += [
         "",
-        "Where the server's time goes, in ms per image (`oodforge_stage_seconds` from `/metrics`, warm-up "
-        "included): read = body read + multipart parse, decode = JPEG -> RGB, preprocess = resize + normalise, "
-        "queue = wait for a batch to start, model = forward + score (per batch, shared by its images), "
-        "respond = JSON. Decode and preprocess run in the decode threads, in parallel with each other; "
-        "latency minus these stages is uvicorn/ASGI/event-loop time and waiting for the loop.",
+        "Where the server's time goes, ms per image (`oodforge_stage_seconds` of `/metrics`, warm-up "
+        "included): read = body + multipart parse, decode = JPEG -> RGB, preprocess = resize + normalise "
+        "(both in the decode processes or threads), queue = wait for a batch, model = forward + score "
+        "(per batch / its images); model alone = `predict_pixels` in this process on batches of the "
+        "level's mean server batch, same torch threads.",
         "",
-        "| concurrency | " + " | ".join(STAGES) + " | sum of stages | p50 latency |",
+        "| concurrency | " + " | ".join(STAGES) + " | model alone (batch) | model server / alone |",
         "|---:|" + "---:|" * (len(STAGES) + 2),
     ]
     for r in run.levels:
         if r.stage_ms:
             cells = " | ".join(f"{r.stage_ms[k]:.2f}" for k in STAGES)
-            lines.append(f"| {r.concurrency} | {cells} | {sum(r.stage_ms.values()):.2f} | {r.pct(50):.2f} |")
+            alone = base.model_ms(served_batch(r))
+            lines.append(
+                f"| {r.concurrency} | {cells} | {alone:.2f} ({served_batch(r)}) | "
+                f"{r.stage_ms['model'] / alone:.2f}x |"
+            )
     s = run.sustained
     if s is not None:
-        batch = f"{s.mean_batch:.1f}" if s.mean_batch is not None else "-"
-        zero = "**0 errors**" if s.errors == 0 else f"**{s.errors} errors**"
+        growth = run.rss_after - run.rss_before
         lines += [
             "",
-            f"Sustained load: {args.sustain:g} s at concurrency {s.concurrency}: {s.requests} requests, "
-            f"{s.images_per_s:.1f} img/s, p50 {s.pct(50):.1f} ms, p99 {s.pct(99):.1f} ms, {zero}, "
-            f"mean server batch {batch} images. Server RSS (process tree, VmRSS): {run.rss_before:.0f} MiB "
-            f"before, {run.rss_after:.0f} MiB after ({run.rss_after - run.rss_before:+.0f} MiB; "
-            f"{run.rss_ready:.0f} MiB right after startup).",
+            f"Sustained: {args.sustain:g} s at concurrency {s.concurrency}: {s.requests} requests, "
+            f"{s.images_per_s:.1f} img/s, p50 {s.pct(50):.1f} ms, p99 {s.pct(99):.1f} ms, {s.errors} errors, "
+            f"mean server batch {s.mean_batch or 0:.1f}. Server RSS (process tree, VmRSS): "
+            f"{run.rss_before:.0f} MiB before, {run.rss_after:.0f} MiB after ({growth:+.1f} MiB; "
+            f"{run.rss_ready:.0f} MiB right after start-up).",
         ]
+    lines += ["", *goals(args, run, base)]
     return "\n".join(lines)
+
+
+def goals(args: argparse.Namespace, run: ServedRun, base: Baselines) -> list[str]:
+    """The must-show lines: served / in-process, model time in the server, errors and RSS growth."""
+    goal = next((r for r in run.levels if r.concurrency == GOAL_CONCURRENCY), None)
+    if goal is None:
+        return [f"Goals: not measured (concurrency {GOAL_CONCURRENCY} was not among the levels)."]
+    ratio = goal.images_per_s / base.in_process
+    out = [
+        f"- Served / in-process pipeline >= {GOAL_RATIO} at concurrency {GOAL_CONCURRENCY}: "
+        f"{verdict(ratio >= GOAL_RATIO)} ({ratio:.2f}x: {goal.images_per_s:.1f} vs {base.in_process:.1f} img/s)."
+    ]
+    if goal.stage_ms:
+        model = goal.stage_ms["model"] / base.model_ms(served_batch(goal))
+        out.append(
+            f"- Model time per image in the server within {GOAL_MODEL_RATIO}x of the model alone (same batch "
+            f"{served_batch(goal)}): {verdict(model <= GOAL_MODEL_RATIO)} ({model:.2f}x)."
+        )
+    failed = sum(r.errors for r in run.levels) + (run.sustained.errors if run.sustained else 0)
+    out.append(f"- 0 errors: {verdict(failed == 0)} ({failed}).")
+    if run.sustained is not None:
+        growth = run.rss_after - run.rss_before
+        long_enough = args.sustain >= 60
+        out.append(
+            f"- RSS growth <= {GOAL_RSS_MIB:g} MiB over 60 s sustained: "
+            + (verdict(growth <= GOAL_RSS_MIB) if long_enough else "not measured (shorter run)")
+            + f" ({growth:+.1f} MiB over {args.sustain:g} s)."
+        )
+    return out
 
 
 # ---------------------------------------------------------------- main
@@ -644,15 +721,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--detectors-dir", type=Path, default=Path("runs"), help="the server's detectors_dir (runs)"
     )
-    p.add_argument("--detector", default="oal", help="detector to measure, bare and served (oal)")
+    p.add_argument("--detector", default="oal", help="detector to measure (oal)")
     p.add_argument("--host", default="127.0.0.1", help="address the server binds (127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="server port (a free one)")
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (1)")
+    p.add_argument("--workers", type=int, default=None, help="server workers (its default: from the cores)")
+    p.add_argument("--threads", type=int, default=None, help="server torch_threads (its default)")
+    p.add_argument("--decode-processes", type=int, default=None, help="server decode_processes (its default)")
+    p.add_argument("--decode-threads", type=int, default=None, help="server decode_threads (its default)")
     p.add_argument("--concurrency", type=concurrency_levels, default="1,8,32", help="levels (1,8,32)")
-    p.add_argument(
-        "--duration", type=float, default=15.0, help="timed seconds per level, bare and served (15)"
-    )
-    p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds before each served level (2)")
+    p.add_argument("--duration", type=float, default=15.0, help="timed seconds per level (15)")
+    p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds before each level (2)")
     p.add_argument(
         "--sustain", type=float, default=60.0, help="seconds at the largest level; 0 skips it (60)"
     )
@@ -660,29 +738,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=32, help="server batching.max_batch_size (32)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="server batching.max_wait_ms (5)")
     p.add_argument(
-        "--threads", type=int, default=None, help="torch threads, server and bare (torch's choice)"
-    )
-    p.add_argument("--decode-threads", type=int, default=None, help="server decode_threads (cores / workers)")
-    p.add_argument(
         "--no-jpeg-draft", action="store_true", help="server limits.jpeg_draft=false (full decodes)"
     )
-    p.add_argument("--no-access-log", action="store_true", help="pass --no-access-log to uvicorn")
+    p.add_argument("--no-access-log", action="store_true", help="no uvicorn access log")
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for /readyz (120)")
     p.add_argument(
         "--out", type=Path, default=BENCHMARKS_MD, help="file that gets the section (BENCHMARKS.md)"
     )
     p.add_argument("--no-write", action="store_true", help="only print the section")
     args = p.parse_args(argv)
-    if args.images_per_request < 1 or args.workers < 1 or args.duration <= 0:
+    if args.images_per_request < 1 or args.duration <= 0 or (args.workers is not None and args.workers < 1):
         p.error("--images-per-request, --workers and --duration must be positive")
     args.port = args.port or free_port(args.host)
     return args
 
 
-def measure_served(args: argparse.Namespace, photos: list[bytes]) -> ServedRun:
+def measure_served(args: argparse.Namespace, photos: list[bytes], workers: int) -> ServedRun:
     """Start the server, load it level by level, stop it; the server's log tail is printed on errors."""
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
-        metrics_dir = Path(tmp, "prometheus") if args.workers > 1 else None
+        metrics_dir = Path(tmp, "prometheus") if workers > 1 else None
         if metrics_dir is not None:
             metrics_dir.mkdir()
         with ServerProcess(args, Path(tmp, "server.log"), metrics_dir) as server:
@@ -691,11 +765,6 @@ def measure_served(args: argparse.Namespace, photos: list[bytes]) -> ServedRun:
             time.sleep(0.5)
             rss_ready = rss_mib(server.pids())
             print(f"  ready, detectors {ready.get('detectors')}, RSS {rss_ready:.0f} MiB", flush=True)
-            print(
-                f"served load (client on the same {os.cpu_count()} cores as the server), "
-                f"{args.warmup:g} s warm-up + {args.duration:g} s per level:",
-                flush=True,
-            )
             run = asyncio.run(
                 serve_and_load(args, server, photos, rss_ready, list(ready.get("detectors", [])))
             )
@@ -707,8 +776,6 @@ def measure_served(args: argparse.Namespace, photos: list[bytes]) -> ServedRun:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = ".venv/bin/python -m bench.serve_bench" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
-    if args.threads:
-        torch.set_num_threads(args.threads)
     path = artifact_dir(args.detectors_dir.resolve() / args.detector)
     if path is None:
         print(
@@ -720,41 +787,43 @@ def main(argv: list[str] | None = None) -> int:
     if load_at_start > 0.5:
         print(
             f"warning: the 1-minute load average is {load_at_start:.2f}: something else is (or just was) "
-            "using the CPU; with torch's threads competing for cores the figures can be far off",
+            "using the CPU; the figures can be far off",
             file=sys.stderr,
         )
+    use = server_resources(args)
+    torch.set_num_threads(use.torch_threads)
     photos = test_photos()
-
-    print(f"bare Detector.predict_pixels ({path}), {args.duration:g} s per batch size:", flush=True)
+    seconds = min(args.duration, BARE_SECONDS)
     detector = Detector.load(path)
-    costs = decode_cost(detector, photos, not args.no_jpeg_draft)
-    print(f"  decode {costs[0]:.2f} ms + pre-process {costs[1]:.2f} ms per photo (one thread)", flush=True)
+    print(f"in-process, {use.torch_threads} torch thread(s) (the server's), {path}:", flush=True)
+    decode_ms, preprocess_ms = decode_cost(detector, photos, not args.no_jpeg_draft)
+    print(f"  decode {decode_ms:.2f} ms + pre-process {preprocess_ms:.2f} ms per photo", flush=True)
+    pipeline = in_process(detector, photos, seconds)
+    print(f"  Detector.predict(bytes), batches of {PIPELINE_BATCH}: {pipeline:.1f} img/s", flush=True)
     pixels = server_pixels(detector, photos, not args.no_jpeg_draft)
-    default_threads = torch.get_num_threads()
-    thread_counts = [args.threads] if args.threads else sorted({default_threads, 1})
-    bare, bare_threads = {}, {}
-    for c in args.concurrency:
-        for threads in thread_counts:  # the model's best: torch's default or one thread
-            torch.set_num_threads(threads)
-            rate = bare_throughput(detector, pixels, bare_batch(c, args), min(args.duration, BARE_SECONDS))
-            print(f"  batch {bare_batch(c, args)}, {threads} torch thread(s): {rate:.1f} img/s", flush=True)
-            if rate > bare.get(c, 0.0):
-                bare[c], bare_threads[c] = rate, threads
-    torch.set_num_threads(args.threads or default_threads)
-    del detector, pixels
+    model = {PIPELINE_BATCH: model_alone(detector, pixels, PIPELINE_BATCH, seconds)}
+    print(f"  model alone, batches of {PIPELINE_BATCH}: {model[PIPELINE_BATCH]:.1f} img/s", flush=True)
 
     try:
-        run = measure_served(args, photos)
+        run = measure_served(args, photos, use.workers)
     except ServerError as err:
         print(err, file=sys.stderr)
         return 2
+    if run.serving["torch_threads"] != use.torch_threads:
+        print(f"warning: the server uses {run.serving['torch_threads']} torch threads", file=sys.stderr)
+    for r in run.levels:  # the model alone at the batch the server formed
+        batch = served_batch(r)
+        if batch not in model:
+            model[batch] = model_alone(detector, pixels, batch, seconds)
+            print(f"  model alone, batches of {batch}: {model[batch]:.1f} img/s", flush=True)
+    base = Baselines(use.torch_threads, pipeline, model, decode_ms, preprocess_ms)
     failed = sum(r.errors for r in run.levels) + (run.sustained.errors if run.sustained else 0)
 
-    body = report(args, run, bare, bare_threads, costs, command, load_at_start)
+    body = report(args, run, base, command, load_at_start)
     print("\n" + body)
     if not args.no_write:
-        write_section("serve-bench", body, args.out)
-        print(f"\nwrote the serve-bench section of {args.out}")
+        write_section("serve-bench-jpeg", body, args.out)
+        print(f"\nwrote the serve-bench-jpeg section of {args.out}")
     if failed:
         print(f"\n{failed} requests failed", file=sys.stderr)
         return 1

@@ -72,6 +72,10 @@ class ImageError(ValueError):
         self.status = status
         self.message = message
 
+    def __reduce__(self) -> tuple[type[ImageError], tuple[int, str]]:
+        """Pickle as ``(status, message)`` (the error can cross a process boundary)."""
+        return type(self), (self.status, self.message)
+
 
 def _container_bits(image: Image.Image) -> int | None:
     """The bit depth the file declares for an integer image (read before any transposition drops it)."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +23,16 @@ from api.images import MAX_FILENAME_CHARS, InputError, decode_base64, decode_upl
 from api.multipart import MultipartError, read_multipart
 from api.routes import score_body
 from api.schemas import ScoreResponse
-from api.settings import Batching, Limits, decode_threads, env_overrides, inference_threads, load_settings
+from api.settings import (
+    Batching,
+    Limits,
+    Resources,
+    decode_threads,
+    env_overrides,
+    inference_threads,
+    load_settings,
+    resources,
+)
 from oodforge.config import ConfigError
 from oodforge.detector import Detector
 
@@ -270,15 +282,22 @@ def test_a_broken_artifact_is_reported_and_the_rest_still_serve(ood_assets, tmp_
 
 
 def test_workers_share_the_cores_among_their_torch_threads():
-    cores = os.cpu_count() or 1
     settings = load_settings(environ={})
-    assert inference_threads(settings, {}) == cores
-    assert inference_threads(settings, {"WEB_CONCURRENCY": str(cores * 2)}) == 1
-    assert inference_threads(settings, {"WEB_CONCURRENCY": "junk"}) == cores
-    pinned = load_settings(environ={"OODFORGE_TORCH_THREADS": "3", "OODFORGE_DECODE_THREADS": "5"})
-    assert inference_threads(pinned, {"WEB_CONCURRENCY": "8"}) == 3
-    assert decode_threads(pinned, {"WEB_CONCURRENCY": "8"}) == 5
-    assert decode_threads(settings, {"WEB_CONCURRENCY": "1"}) == cores
+    # defaults: a worker per 4 cores; of its share of the cores, half to torch, all to decode processes
+    assert resources(settings, {}, cores=2) == Resources(2, 1, 1, 2, 1)
+    assert resources(settings, {}, cores=1) == Resources(1, 1, 1, 1, 1)
+    assert resources(settings, {}, cores=16) == Resources(16, 4, 2, 4, 1)
+    assert resources(settings, {"WEB_CONCURRENCY": "2"}, cores=2) == Resources(2, 2, 1, 1, 1)
+    assert resources(settings, {"WEB_CONCURRENCY": "4"}, cores=32) == Resources(32, 4, 4, 8, 1)
+    assert resources(settings, {"WEB_CONCURRENCY": "8"}, cores=2) == Resources(2, 8, 1, 1, 1)
+    assert resources(settings, {"WEB_CONCURRENCY": "junk"}, cores=2).workers == 1
+    pinned = load_settings(
+        environ={"OODFORGE_WORKERS": "3", "OODFORGE_TORCH_THREADS": "2", "OODFORGE_DECODE_PROCESSES": "0"}
+    )
+    assert resources(pinned, {"WEB_CONCURRENCY": "8"}, cores=16) == Resources(16, 3, 2, 0, 1)
+    assert inference_threads(pinned, {}) == 2
+    assert decode_threads(load_settings(environ={"OODFORGE_DECODE_THREADS": "5"}), {}) == 5
+    assert resources(settings, {}).cores == len(os.sched_getaffinity(0))  # taskset / cpusets count
 
 
 def test_a_lone_request_does_not_wait_and_an_announced_one_is_waited_for(ood_assets):
@@ -313,3 +332,22 @@ def test_a_lone_request_does_not_wait_and_an_announced_one_is_waited_for(ood_ass
     assert sizes == [1, 2]
     assert stages == ["model", "queue", "model", "queue", "queue"]  # a model time per batch, a wait per job
     assert lone < 1.0 and 0.2 <= announced < 1.5  # far below the 3 s max_wait either way
+
+
+def test_the_launcher_passes_overrides_to_the_workers_and_refuses_wrong_keys():
+    from api.__main__ import override_env
+
+    assert override_env(["workers=2", "limits.max_files=8"]) == {
+        "OODFORGE_WORKERS": "2",
+        "OODFORGE_LIMITS__MAX_FILES": "8",
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OODFORGE_")}
+    wrong = subprocess.run(
+        [sys.executable, "-m", "api", "--set", "decode_processes=-1", "--set", "limits.max_filez=3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
+    assert wrong.returncode != 0 and "decode_processes" in wrong.stderr and "uvicorn" not in wrong.stdout

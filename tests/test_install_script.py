@@ -227,10 +227,10 @@ def test_makefile_stamp_depends_on_the_script() -> None:
 
 
 @needs_make
-def test_make_serve_runs_uvicorn_with_the_serve_config(tmp_path: Path, fakes: Fakes) -> None:
+def test_make_serve_runs_the_launcher_with_the_serve_config(tmp_path: Path, fakes: Fakes) -> None:
     result = make(fakes, "-n", f"VENV={tmp_path / 'v'}", "PORT=9001", "serve")
     assert result.returncode == 0, result.stderr
-    expected = f"OODFORGE_SERVE_CONFIG=configs/serve/demo.yaml {tmp_path / 'v'}/bin/uvicorn api.app:app"
+    expected = f"OODFORGE_SERVE_CONFIG=configs/serve/demo.yaml {tmp_path / 'v'}/bin/python -m api"
     assert f"{expected} --host 127.0.0.1 --port 9001" in result.stdout
 
 

@@ -53,8 +53,9 @@ def images_input(*files: bytes, binary: bool = True) -> triton.InferInput:
     return tensor
 
 
-def pixels_input(array: np.ndarray, datatype: str) -> triton.InferInput:
-    tensor = triton.InferInput("pixels", list(array.shape), datatype)
+def pixels_input(array: np.ndarray, datatype: str, name: str | None = None) -> triton.InferInput:
+    name = name or ("pixels_uint8" if datatype == "UINT8" else "pixels")
+    tensor = triton.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
     return tensor
 
@@ -95,6 +96,7 @@ def test_model_readiness_and_metadata(served):
     assert meta["inputs"] == [
         {"name": "image", "datatype": "BYTES", "shape": [-1]},
         {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, 32, 32]},
+        {"name": "pixels_uint8", "datatype": "UINT8", "shape": [-1, 3, 32, 32]},
     ]
     assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [
         ("score", "FP32", [-1]),
@@ -153,6 +155,43 @@ def test_uint8_and_fp32_pixel_tensors(served):
     as_float = (pixels / 255.0).astype(np.float32)
     floats = client.infer("tiny", [pixels_input(as_float, "FP32")]).as_numpy("score")
     np.testing.assert_allclose(floats, expected, rtol=1e-5, atol=1e-5)
+
+
+def _example(datatype: str, shape: list[int], rng: np.random.Generator) -> np.ndarray | list[bytes]:
+    """Valid data for a metadata input: RGB pixels in its datatype's range, or encoded files for BYTES."""
+    if datatype == "BYTES":
+        return [PNG, JPEG]
+    concrete = [2 if d == -1 else d for d in shape]
+    values = rng.integers(0, 256, concrete, dtype=np.uint8)
+    return values if datatype == "UINT8" else (values / 255.0).astype(triton.triton_to_np_dtype(datatype))
+
+
+def test_model_metadata_lists_exactly_the_inputs_and_datatypes_infer_accepts(served):
+    _, client, detectors = served
+    rng = np.random.default_rng(5)
+    inputs = client.get_model_metadata("tiny")["inputs"]
+    for meta in inputs:  # a client that trusts the metadata: every declared input works as declared
+        data = _example(meta["datatype"], meta["shape"], rng)
+        if meta["datatype"] == "BYTES":
+            tensor, expected = images_input(*data), detectors["tiny"].predict(data)
+        else:
+            tensor = pixels_input(data, meta["datatype"], meta["name"])
+            as_uint8 = data if data.dtype == np.uint8 else np.round(data * 255).astype(np.uint8)
+            expected = detectors["tiny"].predict(torch.from_numpy(as_uint8))
+        scores = client.infer("tiny", [tensor]).as_numpy("score")
+        np.testing.assert_allclose(scores, expected.scores.astype(np.float32), rtol=1e-5, atol=1e-5)
+    declared = {(m["name"], m["datatype"]) for m in inputs}
+    for name in ("pixels", "pixels_uint8"):  # and every other datatype on a pixel input is refused
+        for datatype in ("FP32", "UINT8", "FP16", "INT32"):
+            if (name, datatype) in declared:
+                continue
+            array = np.zeros((1, 3, 32, 32), triton.triton_to_np_dtype(datatype))
+            tensor = pixels_input(array, datatype, name)
+            err = error_of(lambda tensor=tensor: client.infer("tiny", [tensor]))
+            assert err.status() == "400" and f"input {name!r} must be" in err.message()
+            if datatype in ("FP32", "UINT8"):
+                other = "pixels_uint8" if datatype == "UINT8" else "pixels"
+                assert f"as the input {other!r}" in err.message()
 
 
 def test_versioned_path_gzip_and_a_dense_model(served):
@@ -234,6 +273,11 @@ def test_an_unknown_model_and_version_are_404(served):
         (lambda: [pixels_input(np.zeros((1, 3, 28, 28), np.uint8), "UINT8")], 400, "[-1, 3, 32, 32]"),
         (lambda: [pixels_input(np.full((1, 3, 32, 32), 2.0, np.float32), "FP32")], 400, "[0, 1]"),
         (lambda: [pixels_input(np.zeros((1, 3, 32, 32), np.int32), "INT32")], 400, "FP32"),
+        (
+            lambda: [pixels_input(np.zeros((1, 3, 32, 32), np.uint8), "UINT8", "pixels")],
+            400,
+            "'pixels_uint8'",
+        ),
         (lambda: [images_input(b"plain text, no pixels")], 415, "not a recognised image"),
         (lambda: [images_input(PNG[:100])], 400, "truncated or corrupt"),
         (lambda: [images_input(*[PNG] * (MAX_FILES + 1))], 413, "above the limit of 4"),
