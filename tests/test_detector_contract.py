@@ -202,7 +202,10 @@ def test_format_1_artifacts_load_with_the_scores_they_gave(name: str) -> None:
     detector = Detector.load(V1 / name)
     assert json.loads((V1 / name / "detector.json").read_text()).get("format_version") == 1
     out = detector.predict(probes)
-    np.testing.assert_allclose(out.scores, expected["scores"], rtol=1e-6, atol=1e-9)
+    # the dense scores are pooled JS distances near 0 (~7e-5): the segmenter's float sums differ across CPU
+    # kernels by ~1e-6 absolute (expected.json was made on an AMD EPYC; an Intel Xeon gives up to 1.2e-6 off)
+    atol = 1e-5 if name == "dense" else 1e-9
+    np.testing.assert_allclose(out.scores, expected["scores"], rtol=1e-6, atol=atol)
     assert detector.threshold == expected["threshold"] and detector.spec.calibration.split == "val"
     if name == "dense":
         assert isinstance(detector, DenseDetector)
