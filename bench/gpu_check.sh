@@ -102,7 +102,7 @@ timeout -s INT "$LEFT" $PY -m pytest -q -rfE --tb=line -p no:cacheprovider $XDIS
   tests/test_detector_contract.py tests/test_scores.py tests/test_scores_feature.py tests/test_scores_odin.py \
   tests/test_losses.py tests/test_methods.py tests/test_train.py tests/test_teacher.py tests/test_transforms.py \
   tests/test_fit_generator.py tests/test_invert.py tests/test_dense.py tests/test_train_dense.py \
-  tests/test_api.py tests/test_api_units.py \
+  tests/test_api.py tests/test_api_units.py tests/test_fullspectrum.py tests/test_parity.py tests/test_selection.py \
   > "$OUT/pytest.txt" 2>&1
 echo "[$(elapsed) s] pytest rc $?" >> "$LOG"
 tail -n 3 "$OUT/pytest.txt" >> "$LOG"
