@@ -219,6 +219,16 @@ def test_make_passes_torch_spec_from_the_command_line(tmp_path: Path, fakes: Fak
     assert pip_calls(fakes.calls())[1] == spec.split()
 
 
+@needs_make
+def test_make_test_adds_the_ray_extra_through_the_script(tmp_path: Path, fakes: Fakes) -> None:
+    result = make(fakes, "-n", f"VENV={tmp_path / 'v'}", "test")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    ray = next(i for i, line in enumerate(lines) if "EXTRAS='dev,ray'" in line)
+    assert f"EDITABLE=1 PYTHON='python3' sh docker/install.sh {tmp_path / 'v'}" in lines[ray]
+    assert ray < next(i for i, line in enumerate(lines) if "-m pytest" in line)  # installed before the tests
+
+
 def test_makefile_stamp_depends_on_the_script() -> None:
     rule = re.search(r"^\$\(STAMP\):(.*)\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), re.MULTILINE)
     assert rule is not None
