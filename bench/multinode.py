@@ -357,8 +357,8 @@ with `OMP_NUM_THREADS=1`); times include every launch's start-up (imports, proce
 | 2 machines, rank 1 killed, relaunched | {gs["two_machines_killed"]} s (kill + resume) | {ts["two_machines_killed"]} s (killed after `{t["resumed_from"]}`, `--resume`) |
 
 - generation `identical: {str(g["identical"]).lower()}`: 2 machines vs 1 machine x 2 processes
-  {g["checks"]["two_machines_vs_one_machine"]}, killed-and-resumed vs uninterrupted
-  {g["checks"]["killed_and_resumed_vs_uninterrupted"]} (every record with its metadata, every latent bit,
+  {str(g["checks"]["two_machines_vs_one_machine"]).lower()}, killed-and-resumed vs uninterrupted
+  {str(g["checks"]["killed_and_resumed_vs_uninterrupted"]).lower()} (every record with its metadata, every latent bit,
   every PNG byte). A 1-rank run decodes other candidates (each rank fills its own share of
   `counts.pixel`), so its dataset is a different, equally valid sample.
 - training: resumed vs uninterrupted 2-machine weights, max |diff| = {t["resumed_max_weight_diff"]:.3g};
@@ -366,8 +366,8 @@ with `OMP_NUM_THREADS=1`); times include every launch's start-up (imports, proce
   accuracy / near / far AUROC = {t["one_vs_two_ranks_metric_diff"]["id_accuracy"]} /
   {t["one_vs_two_ranks_metric_diff"]["near_auroc"]} / {t["one_vs_two_ranks_metric_diff"]["far_auroc"]}
   (tolerance {t["tolerance"]}: {str(t["one_vs_two_ranks_within_tolerance"]).lower()}).
-- On so tiny a workload the start-up of each launch dominates; the ratio says that the ranks share the
-  work, not what two real hosts would gain.
+- On so tiny a workload each launch's start-up (imports, process group, loading the ID data) and the
+  shared cores dominate: the ratios are not what two real hosts would gain.
 """
 
 

@@ -114,9 +114,9 @@ jobs**; one run). `ray.cluster_utils.Cluster` with two nodes of one CPU each on 
 | 1 | {r1["images_per_s"]} | {r1["p50_ms"]} | {r1["p99_ms"]} | {r1["errors"]} |
 | 2 (one per node) | {r2["images_per_s"]} | {r2["p50_ms"]} | {r2["p99_ms"]} | {r2["errors"]} |
 
-Ratio 2 / 1 replicas: **{result["ratio_2_vs_1"]}x**. Client, proxy and both replicas share the same two
-cores here, so this shows that the second replica takes half of the traffic, not what a second host
-would add.
+Ratio 2 / 1 replicas: **{result["ratio_2_vs_1"]}x**. The load generator, Ray's proxies and both replicas
+share this host's cores, so the ratio is bounded by the host, not by Serve; it does not show what a
+second host would add.
 """,
         )
 
