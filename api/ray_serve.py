@@ -95,9 +95,9 @@ def run(
     Returns once every replica has loaded its detectors (the app's startup ran); the application keeps
     running in the Ray cluster until :func:`shutdown`.
     """
+    serve = _serve()  # first: without the extra, the error says how to install it
     import ray
 
-    serve = _serve()
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
