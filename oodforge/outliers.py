@@ -230,7 +230,8 @@ def _merge_records(root: Path, shards: list[str]) -> list[dict[str, Any]]:
         journal = root / PARTS_DIR / f"metadata-{shard}.jsonl"
         if not journal.is_file():
             raise FileNotFoundError(
-                f"{journal} does not exist: shard {shard!r} wrote nothing; pass only the shards that ran"
+                f"{journal} does not exist: shard {shard!r} wrote nothing; pass only the shards that ran (with "
+                "several machines, the output directory must be one that every machine sees, e.g. NFS)"
             )
         records += _read_jsonl(journal)
     records = _dedupe(records)

@@ -8,7 +8,9 @@
 
 Resumable (ids and seeds are a function of the candidate index; done ids are skipped) and shardable:
 under ``accelerate launch`` each process takes every ``num_processes``-th candidate and the main
-process merges the shards.
+process merges the shards once every process is done. With several machines (``--num_machines``) the
+index is the global rank and ``--out`` must be one directory that every machine sees (a shared
+filesystem); the result depends on the number of processes, not on how they are placed on machines.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import math
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,9 @@ from synth.reference import ReferenceConfig, make_reference
 from synth.sampler import SamplerParams, boundary_sample, rescale
 
 log = logging.getLogger("synth.generate")
+SHARD_WAIT = timedelta(hours=24)
+"""How long the first rank to finish waits for the others before the merge (torch's default is 30 min,
+less than the spread between ranks of a long multi-machine run)."""
 
 
 class FilterConfig(StrictModel):
@@ -235,7 +241,8 @@ def generate(cfg: SynthConfig, out: Path) -> dict:
     """Run the whole synthesis into ``out``; returns the card (main process) or {} (others)."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=_shard_on_cpu())  # CPU-only hosts shard over gloo
+    # CPU-only hosts (or fewer GPUs than processes) shard over gloo; rank and world are global (every machine)
+    state = PartialState(cpu=_shard_on_cpu(), timeout=SHARD_WAIT)
     rank, world = state.process_index, state.num_processes
     started = time.perf_counter()
     if not (cfg.teacher / "detector.json").is_file():
@@ -265,8 +272,8 @@ def generate(cfg: SynthConfig, out: Path) -> dict:
     state.wait_for_everyone()
     if not state.is_main_process:
         return {}
-    if world > 1:
-        merge_shards(out, [str(r) for r in range(world)])
+    if world > 1:  # a rank whose share of counts.pixel is 0 (pixel < world) wrote no shard
+        merge_shards(out, [str(r) for r in range(world) if r < max(1, cfg.counts.pixel)])
     card = {
         "generator": {"pretrained": cfg.generator.pretrained, "revision": cfg.generator.revision,
                       "steps": cfg.generator.steps, "guidance_scale": cfg.generator.guidance_scale},

@@ -219,6 +219,16 @@ def test_make_passes_torch_spec_from_the_command_line(tmp_path: Path, fakes: Fak
     assert pip_calls(fakes.calls())[1] == spec.split()
 
 
+@needs_make
+def test_make_test_adds_the_ray_extra_through_the_script(tmp_path: Path, fakes: Fakes) -> None:
+    result = make(fakes, "-n", f"VENV={tmp_path / 'v'}", "test")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    ray = next(i for i, line in enumerate(lines) if "EXTRAS='dev,ray'" in line)
+    assert f"EDITABLE=1 PYTHON='python3' sh docker/install.sh {tmp_path / 'v'}" in lines[ray]
+    assert ray < next(i for i, line in enumerate(lines) if "-m pytest" in line)  # installed before the tests
+
+
 def test_makefile_stamp_depends_on_the_script() -> None:
     rule = re.search(r"^\$\(STAMP\):(.*)\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), re.MULTILINE)
     assert rule is not None
@@ -375,3 +385,25 @@ def test_compose_mounts_detectors_and_builds_both_images() -> None:
     assert "profiles" not in services["oodforge-api"] and services["oodforge-api-gpu"]["profiles"] == ["gpu"]
     devices = services["oodforge-api-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+
+
+def test_kserve_manifest_matches_the_image_and_the_app() -> None:
+    """docker/kserve.yaml (no Kubernetes here): its port is the image's, its probes and env are the app's."""
+    from api.app import create_app
+    from api.settings import load_settings
+
+    spec = yaml.safe_load((REPO / "docker" / "kserve.yaml").read_text())
+    assert (spec["apiVersion"], spec["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    (container,) = spec["spec"]["predictor"]["containers"]
+    assert container["name"] == "kserve-container"
+    port = int(only(REPO / "docker" / "Dockerfile", "EXPOSE"))
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+    paths = create_app(load_settings(environ={})).openapi()["paths"]
+    routes = {path for path, methods in paths.items() if "get" in methods}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == port and container[probe]["httpGet"]["path"] in routes
+    env = {e["name"]: e.get("value", "placeholder") for e in container["env"]}
+    settings = load_settings(environ=env)  # an unknown OODFORGE_* name would be a ConfigError
+    assert str(settings.detectors_dir) == container["volumeMounts"][0]["mountPath"]
+    assert "WORKERS" in env and "WORKERS" in only(REPO / "docker" / "Dockerfile", "CMD")
+    assert set(container["resources"]) == {"requests", "limits"}

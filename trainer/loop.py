@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from pydantic import BaseModel
 from tqdm.auto import tqdm
@@ -170,7 +170,13 @@ def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def start_run(cfg: RunConfig, run_dir: Path, kwargs_handlers: Iterable[Any] = ()) -> Accelerator:
     """The run's ``Accelerator`` (trackers, project dir, seedable sampler), seeded; writes ``config.json``."""
+    # Without cpu=True, Accelerate on a host without CUDA ignores the launcher's process group and runs
+    # every process of `accelerate launch --multi_gpu` / `--num_machines 2` as a world of its own. The
+    # state is a singleton that CSVTracker's @on_main_process would create first (with cpu=False).
+    cpu = not torch.cuda.is_available()
+    PartialState(cpu=cpu)
     accelerator = Accelerator(
+        cpu=cpu,
         mixed_precision=cfg.train.mixed_precision,
         log_with=make_trackers(cfg, run_dir / "logs"),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
