@@ -92,7 +92,7 @@ def comparison_markdown(reports: dict[str, dict[str, Any]], scores: list[str] | 
 def fullspectrum_comparison_markdown(
     reports: dict[str, dict[str, Any]], shortcuts: dict[str, dict[str, Any]] | None = None
 ) -> str:
-    """csID accept rates and label accuracy, FS-OOD and extra-set figures and shortcut figures, per run.
+    """Per run: csID accept rates and label accuracy, FS-OOD, extra-set and shortcut figures.
 
     Each run is shown with its exported score (``report["score"]``); runs evaluated without the
     full-spectrum suite are left out.
