@@ -61,7 +61,26 @@ def write_outliers(root: Path, knn_width: int, sd: bool, seed: int = 0) -> Path:
         ]
         writer.add_latents(pool, [r["id"] for r in records], rows, records)
     writer.finalize({"generator": "test fixture"})
+    write_reference(root, rng)
     return root
+
+
+def write_reference(root: Path, rng: np.random.Generator) -> Path:
+    """A tiny generator reference (oodforge.reference format) beside the outliers: labelled generated and
+    round-trip images. The round trips are not aligned with mnist-open's splits (too few), so the csID suite
+    leaves them out; ``train.id_reference`` reads their train part."""
+    from safetensors.numpy import save_file
+
+    ref = root / "reference"
+    ref.mkdir()
+    tensors = {}
+    for kind in ("generated", "roundtrip"):
+        for split, n in (("train", 12), ("val", 6), ("test", 6)):
+            tensors[f"{kind}/{split}"] = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+            tensors[f"{kind}/{split}/labels"] = np.arange(n, dtype=np.int64) % len(CLASSES)
+    save_file(tensors, str(ref / "images.safetensors"))
+    (ref / "card.json").write_text('{"settings": {"data": {"benchmark": "mnist-open"}}, "counts": {}}')
+    return ref
 
 
 @pytest.fixture(scope="session")

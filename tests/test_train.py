@@ -51,8 +51,13 @@ def ce_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_ce_run_writes_report_and_detector(ce_run: Path) -> None:
     report = json.loads((ce_run / "report.json").read_text())
     sets = {"digits-6-9", "faces", "textures", "photos", "noise"}
-    assert set(report["ood"]) == sets and report["score"] == "energy"  # the exported score heads the report
-    assert set(report["scores"]) == {"msp", "max_logit", "energy", "entropy", "knn", "mahalanobis"}
+    # the exported score heads the report: ce.yaml's export.score auto, chosen on validation data only
+    assert set(report["ood"]) == sets and report["score"] == report["score_selection"]["chosen"]
+    assert report["score_selection"]["negatives"] == ["val-letters", "val-patterns", "val-scenes"]
+    assert set(report["scores"]) == {"msp", "max_logit", "energy", "entropy", "gen", "knn", "mahalanobis", "rmds"}
+    exported = report["scores"][report["score"]]
+    assert {"raw-source", "blur-0.7", "rotate-10", "upscale-4x"} <= set(exported["csid"])  # the csID suite
+    assert exported["fs"]["near"] and set(exported["extra"]["ood"]) == {"uci-digits-6-9", "printed-text", "mpl-samples"}
     assert report["ood"]["digits-6-9"]["shift"] == "near" and report["far"] and report["near"]
     assert 0.5 < report["id_accuracy"] <= 1.0  # one epoch of a tiny net already learns digits
     md = (ce_run / "report.md").read_text()
@@ -62,7 +67,7 @@ def test_ce_run_writes_report_and_detector(ce_run: Path) -> None:
     assert (ce_run / "plots" / "hist_knn.png").stat().st_size > 1000
     assert "val/accuracy" in (ce_run / "logs" / "metrics.csv").read_text()
     detector = Detector.load(ce_run / "detector")
-    assert detector.spec.score.name == "energy" and detector.spec.calibration.split == "val"
+    assert detector.spec.score.name == report["score"] and detector.spec.calibration.split == "val"
 
 
 def test_exported_detector_scores_like_training(ce_run: Path) -> None:
@@ -84,7 +89,7 @@ def test_exported_detector_scores_like_training(ce_run: Path) -> None:
     near = bench.ood["digits-6-9"].images
     ood = detector.predict([near[i][0] for i in range(len(near))])
     report = json.loads((ce_run / "report.json").read_text())
-    expected = report["scores"]["energy"]["ood"]["digits-6-9"]["auroc"]
+    expected = report["scores"][report["score"]]["ood"]["digits-6-9"]["auroc"]
     assert auroc(test.scores, ood.scores) == pytest.approx(expected, abs=1e-9)
     assert (test.labels == bench.test.labels).mean() == pytest.approx(report["id_accuracy"], abs=1e-9)
 
@@ -186,7 +191,9 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path: Path, config: str, oo
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {ckpts / saved[-1]}" in resumed.stdout + resumed.stderr
-    assert sorted(p.name for p in ckpts.iterdir())[-1] == "step_0000064"  # 2 epochs x 32 steps, none repeated
+    # 2 epochs, none repeated: 2100 images at batch 64 (oal.yaml adds the fixture reference's 24 train images)
+    per_epoch = (2100 + (24 if config == "oal.yaml" else 0)) // 64
+    assert sorted(p.name for p in ckpts.iterdir())[-1] == f"step_{2 * per_epoch:07d}"
 
     # the resumed run ends with exactly the weights of an uninterrupted run launched the same way
     straight_cmd = [c.replace("name=killed", "name=straight") for c in cmd]

@@ -346,7 +346,9 @@ def main_classifier(detector: ClassifierDetector, args: argparse.Namespace) -> i
             raise ValueError(
                 f"--score-params sets {name!r}, which is not evaluated (--scores {','.join(requested)})"
             )
-    benchmark = args.benchmark or "mnist-open"
+    run_data = getattr(args, "data", None)
+    data = DataConfig.model_validate(json.loads(Path(run_data).read_text())["data"]) if run_data else None
+    benchmark = data.benchmark if data else (args.benchmark or "mnist-open")
     if benchmark not in BENCHMARKS:
         raise ValueError(
             f"{args.detector} is a classifier detector; {benchmark!r} is not a classifier benchmark "
@@ -354,7 +356,7 @@ def main_classifier(detector: ClassifierDetector, args: argparse.Namespace) -> i
         )
     training = detector.spec.provenance.training
     seed = args.seed if args.seed is not None else training.get("data_seed", 0)
-    bench = load_benchmark(DataConfig(benchmark=benchmark, root=args.root, seed=seed))
+    bench = load_benchmark(data or DataConfig(benchmark=benchmark, root=args.root, seed=seed))
     if bench.class_names != detector.class_names:
         print(
             f"warning: benchmark classes {bench.class_names} differ from the detector's {detector.class_names}",

@@ -73,6 +73,13 @@ def parser() -> argparse.ArgumentParser:
         "outliers, as export.score auto does (never test OOD); the result's 'selection' names the winner",
     )
     p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a run's config.json (its 'data' section: benchmark, root, OOD folders, seed, image size) to evaluate "
+        "on exactly the training run's data; overrides --benchmark/--root/--seed",
+    )
+    p.add_argument(
         "--reference",
         type=Path,
         default=None,

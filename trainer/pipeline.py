@@ -467,7 +467,8 @@ def fullspectrum_inputs(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not ce_eval.is_file():
         scores = ",".join(json.loads((out / "ce" / "report.json").read_text())["scores"])
         evaluate.main(["--detector", str(out / "ce" / "detector"), "--reference", str(out / "outliers"),
-                       "--scores", scores, "--out", str(ce_eval), "--device", "cpu"])  # fmt: skip
+                       "--data", str(out / "ce" / "config.json"), "--scores", scores, "--out", str(ce_eval),
+                       "--device", "cpu"])  # fmt: skip
     shortcuts = {}
     for name in ("ce", "oal"):
         path = out / name / "shortcut.json"
