@@ -306,12 +306,16 @@ def training(work: Path, assets: dict[str, Path], outliers: Path, epochs: int) -
         return args + (["--resume"] if resume else [])
 
     times: dict[str, float] = {}
-    plan = {"one_rank": (1, 64), "two_machines": (2, 32), "two_machines_killed": (2, 32)}
+    plan = {"one_rank": (1, 64), "one_machine_two_processes": (1, 32), "two_machines": (2, 32),
+            "two_machines_killed": (2, 32)}  # fmt: skip
     killed_after = None
     for name, (machines, batch) in plan.items():
         log = work / "logs" / f"train-{name}.log"
         started = time.perf_counter()
-        procs = start_machines(tail(name, batch), machines, log)
+        if name == "one_machine_two_processes":  # the same world size as two machines, one launch
+            procs = [start([*launcher(1, 2), *tail(name, batch)], log)]
+        else:
+            procs = start_machines(tail(name, batch), machines, log)
         if name == "two_machines_killed":
             ckpts = runs_dir / name / "checkpoints"
             kill_rank1_when(procs, lambda ckpts=ckpts: (ckpts / "step_0000010").is_dir(), "training")
@@ -323,12 +327,16 @@ def training(work: Path, assets: dict[str, Path], outliers: Path, epochs: int) -
         wait_all(procs, f"training {name}")
         times[name] = round(time.perf_counter() - started, 1)
     resumed_diff = max_weight_diff(runs_dir / "two_machines_killed", runs_dir / "two_machines")
+    layout_diff = max_weight_diff(runs_dir / "two_machines", runs_dir / "one_machine_two_processes")
     one, two = headline(runs_dir / "one_rank"), headline(runs_dir / "two_machines")
     metric_diff = {k: round(abs(one[k] - two[k]), 4) for k in one}
     return {
         "resumed_from": killed_after,
         "resumed_max_weight_diff": resumed_diff,
         "resumed_identical": resumed_diff == 0.0,
+        # same world size, same per-process batches and gloo reductions: the layout over machines must not matter
+        "two_machines_vs_one_machine_max_weight_diff": layout_diff,
+        "two_machines_vs_one_machine_identical": layout_diff == 0.0,
         "one_vs_two_ranks_metric_diff": metric_diff,
         "one_vs_two_ranks_within_tolerance": all(v <= TRAIN_TOLERANCE for v in metric_diff.values()),
         "tolerance": TRAIN_TOLERANCE,
@@ -344,15 +352,15 @@ def markdown(result: dict[str, Any], machine: str, day: str) -> str:
     gs, ts = g["seconds"], t["seconds"]
     return f"""## More than one machine: two `accelerate launch` machines on one host (issue 25)
 
-`python -m bench.multinode --write` ({day}; {machine}; **the 2 cores were shared with other jobs**, so
-times are upper bounds and the ratios are rough). Each "machine" is its own `accelerate launch
+`python -m bench.multinode --write` ({day}; {machine}). Times include each launch's start-up, so the
+ratios are rough. Each "machine" is its own `accelerate launch
 --num_machines 2 --machine_rank R --main_process_ip 127.0.0.1 --main_process_port P` (gloo, one process
 with `OMP_NUM_THREADS=1`); times include every launch's start-up (imports, process group).
 
 | run | generation ({g["counts"]["pixel"]["kept"]} pixel outliers, tiny SD) | OAL training ({result["epochs"]} epochs, tiny net) |
 |---|---|---|
 | 1 rank | {gs["one_rank"]} s | {ts["one_rank"]} s |
-| 1 machine x 2 processes | {gs["one_machine_two_processes"]} s | - |
+| 1 machine x 2 processes | {gs["one_machine_two_processes"]} s | {ts["one_machine_two_processes"]} s |
 | 2 machines | {gs["two_machines"]} s ({g["speedup_2_vs_1_rank"]}x) | {ts["two_machines"]} s ({t["speedup_2_vs_1_rank"]}x) |
 | 2 machines, rank 1 killed, relaunched | {gs["two_machines_killed"]} s (kill + resume) | {ts["two_machines_killed"]} s (killed after `{t["resumed_from"]}`, `--resume`) |
 
@@ -361,7 +369,8 @@ with `OMP_NUM_THREADS=1`); times include every launch's start-up (imports, proce
   {str(g["checks"]["killed_and_resumed_vs_uninterrupted"]).lower()} (every record with its metadata, every latent bit,
   every PNG byte). A 1-rank run decodes other candidates (each rank fills its own share of
   `counts.pixel`), so its dataset is a different, equally valid sample.
-- training: resumed vs uninterrupted 2-machine weights, max |diff| = {t["resumed_max_weight_diff"]:.3g};
+- training: 2 machines vs 1 machine x 2 processes (same world size), max |weight diff| =
+  {t["two_machines_vs_one_machine_max_weight_diff"]:.3g}; resumed vs uninterrupted 2-machine weights, max |diff| = {t["resumed_max_weight_diff"]:.3g};
   1 rank (batch 64) vs 2 machines (batch 32 each) differ by per-rank batch statistics: |diff| of ID
   accuracy / near / far AUROC = {t["one_vs_two_ranks_metric_diff"]["id_accuracy"]} /
   {t["one_vs_two_ranks_metric_diff"]["near_auroc"]} / {t["one_vs_two_ranks_metric_diff"]["far_auroc"]}
@@ -386,7 +395,11 @@ def main() -> None:
     result: dict[str, Any] = {"epochs": args.epochs}
     result["generation"] = generation(work, assets, args.pixel)
     result["training"] = training(work, assets, work / "gen" / "two_machines", args.epochs)
-    result["identical"] = result["generation"]["identical"] and result["training"]["resumed_identical"]
+    result["identical"] = (
+        result["generation"]["identical"]
+        and result["training"]["resumed_identical"]
+        and result["training"]["two_machines_vs_one_machine_identical"]
+    )
     print(json.dumps(result))
     if args.write:
         from bench.common import machine, today, write_section
