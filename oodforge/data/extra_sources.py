@@ -39,10 +39,6 @@ FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSans
 PATTERNS = ("binary_blobs", "checkerboard", "shepp_logan_phantom", "colorwheel", "horse")
 
 
-def _to_rgb(image: np.ndarray, size: int) -> np.ndarray:
-    return to_rgb(image, size)
-
-
 def _crops(
     image: np.ndarray, n: int, rng: np.random.Generator, size: int, lo: float = 0.2, hi: float = 0.5
 ) -> np.ndarray:
@@ -54,7 +50,7 @@ def _crops(
 def _pad_like_mnist(digits28: np.ndarray, size: int) -> np.ndarray:
     """Grey ``[N, 28, 28]`` -> padded to 32 as mnist-open does, RGB, resized to ``size``."""
     padded = np.pad(digits28, ((0, 0), (2, 2), (2, 2)))
-    return np.stack([_to_rgb(d, size) for d in padded])
+    return np.stack([to_rgb(d, size) for d in padded])
 
 
 def _letters(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
