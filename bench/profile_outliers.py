@@ -132,6 +132,7 @@ def main() -> int:
     )
     p.add_argument("--batch-size", type=int, default=None, help="counts.batch_size (default: the config's)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--dtype", default=None, help="generator.dtype (default: the config's, float32)")
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     p.add_argument("--label", default="", help="a name for this run in the output (e.g. 'before')")
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
@@ -147,6 +148,8 @@ def main() -> int:
     raw["counts"] = {**raw["counts"], "pixel": args.pixel}
     if args.batch_size:
         raw["counts"]["batch_size"] = args.batch_size
+    if args.dtype:
+        raw["generator"]["dtype"] = args.dtype
     if args.factor:
         raw["counts"]["max_candidates_factor"] = args.factor
     cfg = SynthConfig.model_validate(raw)
@@ -175,6 +178,7 @@ def main() -> int:
         "code": str(Path(sys.modules["synth.generate"].__file__).resolve().parents[1]),
         "threads": torch.get_num_threads(),
         "batch_size": cfg.counts.batch_size,
+        "dtype": cfg.generator.dtype,
         "pixel_kept": card["counts"]["pixel"]["kept"],
         "candidates": candidates,
         "loop_seconds": loop,

@@ -116,7 +116,7 @@ def test_raw_form_inverts_the_padding() -> None:
 def test_mnist_open_records_its_raw_geometry_and_keeps_validation_ood_apart() -> None:
     bench = load_benchmark(DataConfig(benchmark="mnist-open"))
     assert bench.raw == RawGeometry(side=28, pad_to=32)
-    assert set(bench.val_ood) == {"val-letters", "val-scenes", "val-patterns"}
+    assert set(bench.val_ood) == {"val-letters", "val-pen-glyphs", "val-scenes", "val-patterns"}
     assert set(bench.extra_ood) == {"uci-digits-6-9", "printed-text", "mpl-samples"}
     assert not set(bench.val_ood) & (set(bench.ood) | set(bench.extra_ood))
     for sets in (bench.val_ood, bench.extra_ood):
@@ -131,6 +131,46 @@ def test_mnist_open_records_its_raw_geometry_and_keeps_validation_ood_apart() ->
     # dropping the built-in test OOD sets keeps the validation OOD sets
     only = load_benchmark(DataConfig(benchmark="mnist-open", builtin_ood=False))
     assert not only.ood and not only.extra_ood and set(only.val_ood) == set(bench.val_ood)
+
+
+def test_elastic_distortion_follows_its_definition() -> None:
+    from scipy.ndimage import gaussian_filter
+
+    from oodforge.data.extra_sources import elastic
+
+    image = np.zeros((28, 28), np.uint8)
+    image[8:20, 12:16] = 255
+    # alpha 0: no pixel moves
+    assert np.array_equal(elastic(image, np.random.default_rng(0), alpha=0.0, sigma=4.0), image)
+    # a pixel's value is the bilinear sample at (y + dy, x + dx) of the smoothed uniform fields, dy first
+    rng = np.random.default_rng(1)
+    fields = [8.0 * gaussian_filter(rng.uniform(-1, 1, (28, 28)), 4.0, mode="constant") for _ in range(2)]
+    out = elastic(image, np.random.default_rng(1), alpha=8.0, sigma=4.0)
+    y, x = 14, 13
+    sy, sx = y + fields[0][y, x], x + fields[1][y, x]
+    y0, x0 = int(np.floor(sy)), int(np.floor(sx))
+    fy, fx = sy - y0, sx - x0
+    patch = image[y0 : y0 + 2, x0 : x0 + 2].astype(float)
+    expected = (1 - fy) * ((1 - fx) * patch[0, 0] + fx * patch[0, 1]) + fy * ((1 - fx) * patch[1, 0] + fx * patch[1, 1])
+    assert abs(int(out[y, x]) - expected) <= 1
+    # the same generator state gives the same distortion; another seed another one
+    assert np.array_equal(out, elastic(image, np.random.default_rng(1), alpha=8.0, sigma=4.0))
+    assert not np.array_equal(out, elastic(image, np.random.default_rng(2), alpha=8.0, sigma=4.0))
+
+
+def test_pen_glyphs_look_like_digit_strokes_not_like_fonts() -> None:
+    from oodforge.data.extra_sources import validation_sets
+
+    sets = validation_sets(0, 32)
+    pen, letters = sets["val-pen-glyphs"][0], sets["val-letters"][0]
+    assert sets["val-pen-glyphs"][1] == "near" and pen.shape == (300, 32, 32, 3)
+    assert np.array_equal(pen, validation_sets.__wrapped__(0, 32)["val-pen-glyphs"][0])  # a function of the seed
+    digits = load_mnist()[0][:300].astype(float)
+    # ink per image within a factor 1.6 of MNIST's (fonts fitted to 20 px are not blobs or hairlines)
+    ink = pen[..., 0].astype(float).mean()
+    assert digits.mean() / 1.6 < ink < digits.mean() * 1.6
+    # the strokes are distorted: no pen glyph is a plain font rendering of the letter set
+    assert not {im.tobytes() for im in pen} & {im.tobytes() for im in letters}
 
 
 # --------------------------------------------------------------------------- augmentation

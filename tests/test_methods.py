@@ -84,7 +84,7 @@ def test_oal_one_epoch_run_logs_every_term_and_exports(tmp_path: Path, ood_asset
     assert detector.spec.score.name == chosen and detector.spec.provenance.training["method"] == "oal"
     # oal.yaml has no pixel term (the head never saw the synth images) and mnist-open has validation OOD:
     # every candidate competes on ID val + csID-val vs the validation OOD sets
-    assert report["score_selection"]["negatives"] == ["val-letters", "val-patterns", "val-scenes"]
+    assert report["score_selection"]["negatives"] == ["val-letters", "val-patterns", "val-pen-glyphs", "val-scenes"]
     assert chosen in report["score_selection"]["candidates"]
     assert {"energy", "msp", "knn"} <= set(report["scores"])
 

@@ -73,7 +73,7 @@ def test_other_test_ood_sets_change_nothing_that_is_chosen(tmp_path: Path, ood_a
     assert sel_a == sel_b and sel_a["chosen"] == a.spec.score.name and sel_a["id_split"] == "val"
     # mnist-open has validation OOD (sources distinct from every test set): selection contrasts ID val and
     # csID-val with them; no test set is among the sets it read
-    assert sel_a["negatives"] == ["val-letters", "val-patterns", "val-scenes"]
+    assert sel_a["negatives"] == ["val-letters", "val-patterns", "val-pen-glyphs", "val-scenes"]
     read = {k.split("/", 1)[-1] for k in sel_a["positives"]} | set(sel_a["negatives"])
     assert not read & set(json.loads((first / "report.json").read_text())["scores"]["energy"]["ood"])
     reports = [json.loads((run / "report.json").read_text()) for run in (first, second)]

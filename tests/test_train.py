@@ -53,7 +53,7 @@ def test_ce_run_writes_report_and_detector(ce_run: Path) -> None:
     sets = {"digits-6-9", "faces", "textures", "photos", "noise"}
     # the exported score heads the report: ce.yaml's export.score auto, chosen on validation data only
     assert set(report["ood"]) == sets and report["score"] == report["score_selection"]["chosen"]
-    assert report["score_selection"]["negatives"] == ["val-letters", "val-patterns", "val-scenes"]
+    assert report["score_selection"]["negatives"] == ["val-letters", "val-patterns", "val-pen-glyphs", "val-scenes"]
     assert set(report["scores"]) == {"msp", "max_logit", "energy", "entropy", "gen", "knn", "mahalanobis", "rmds"}
     exported = report["scores"][report["score"]]
     assert {"raw-source", "blur-0.7", "rotate-10", "upscale-4x"} <= set(exported["csid"])  # the csID suite
