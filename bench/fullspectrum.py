@@ -235,9 +235,9 @@ def validation_vs_test(name: str, reports: list[dict]) -> list[str]:
 
     The test columns are for the record: no choice reads them.
     """
-    from oodforge.data import DataConfig, load_benchmark
+    from oodforge.data.extra_sources import validation_sets
 
-    shifts = {n: o.shift for n, o in load_benchmark(DataConfig(benchmark="mnist-open")).val_ood.items()}
+    shifts = {n: shift for n, (_, shift) in validation_sets(0, 32).items()}
     names = list(reports[0]["score_selection"]["candidates"])
     lines = [
         f"Row **{name}**, every candidate score, mean ± std over seeds (%): the validation objective and its near "
@@ -297,7 +297,7 @@ def rule(reports: dict[str, list[dict]]) -> tuple[str | None, str | None, str]:
 
     by_name = {r.name: r for r in ROWS}
     ce, why_ce = best([n for n in reports if by_name[n].init is None], DEFAULT_CE)
-    oal, why_oal = best([n for n in reports if by_name[n].init is not None and by_name[n].init == ce], DEFAULT_OAL)
+    oal, why_oal = best([n for n in reports if by_name[n].init == ce], DEFAULT_OAL)
     return ce, oal, f"CE: {why_ce}; OAL (rows starting from {ce}): {why_oal}"
 
 

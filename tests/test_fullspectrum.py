@@ -162,15 +162,13 @@ def test_pen_glyphs_look_like_digit_strokes_not_like_fonts() -> None:
     from oodforge.data.extra_sources import validation_sets
 
     sets = validation_sets(0, 32)
-    pen, letters = sets["val-pen-glyphs"][0], sets["val-letters"][0]
+    pen = sets["val-pen-glyphs"][0]
     assert sets["val-pen-glyphs"][1] == "near" and pen.shape == (300, 32, 32, 3)
     assert np.array_equal(pen, validation_sets.__wrapped__(0, 32)["val-pen-glyphs"][0])  # a function of the seed
     digits = load_mnist()[0][:300].astype(float)
     # ink per image within a factor 1.6 of MNIST's (fonts fitted to 20 px are not blobs or hairlines)
     ink = pen[..., 0].astype(float).mean()
     assert digits.mean() / 1.6 < ink < digits.mean() * 1.6
-    # the strokes are distorted: no pen glyph is a plain font rendering of the letter set
-    assert not {im.tobytes() for im in pen} & {im.tobytes() for im in letters}
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -336,3 +334,14 @@ def test_probe_auroc_sees_a_shift_and_not_noise() -> None:
     shifted = torch.as_tensor(rng.normal(0, 1, (200, 4)) + [3, 0, 0, 0])
     assert probe_auroc(a[:100], shifted[:100], a[100:], shifted[100:]) > 0.97
     assert 0.35 < probe_auroc(a[:100], b[:100], a[100:], b[100:]) < 0.65
+
+
+def test_evaluate_data_flag_explains_a_wrong_file(tmp_path) -> None:  # noqa: ANN001
+    from trainer.classifier_eval import run_data_config
+
+    (tmp_path / "config.json").write_text('{"name": "x"}')
+    for path in (tmp_path / "missing.json", tmp_path / "config.json"):
+        with pytest.raises(ValueError, match=r"pass runs/<name>/config.json"):
+            run_data_config(path)
+    (tmp_path / "ok.json").write_text('{"data": {"benchmark": "mnist-open", "seed": 3}}')
+    assert run_data_config(tmp_path / "ok.json").seed == 3

@@ -330,6 +330,18 @@ def rank_on_holdout(
     }
 
 
+def run_data_config(path: Path) -> DataConfig:
+    """The ``data`` section of a training run's ``config.json`` (``--data``), or a ValueError saying what to pass."""
+    try:
+        data = json.loads(path.read_text())["data"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"--data {path}: not a training run's config.json with a 'data' section ({type(err).__name__}: {err}); "
+            "pass runs/<name>/config.json, which trainer/train.py writes"
+        ) from None
+    return DataConfig.model_validate(data)
+
+
 def main_classifier(detector: ClassifierDetector, args: argparse.Namespace) -> int:
     """``python -m trainer.evaluate`` for a classifier detector (see :mod:`trainer.evaluate` for the flags)."""
     own_name, own = detector.spec.score.name, detector.score
@@ -347,7 +359,7 @@ def main_classifier(detector: ClassifierDetector, args: argparse.Namespace) -> i
                 f"--score-params sets {name!r}, which is not evaluated (--scores {','.join(requested)})"
             )
     run_data = getattr(args, "data", None)
-    data = DataConfig.model_validate(json.loads(Path(run_data).read_text())["data"]) if run_data else None
+    data = run_data_config(Path(run_data)) if run_data else None
     benchmark = data.benchmark if data else (args.benchmark or "mnist-open")
     if benchmark not in BENCHMARKS:
         raise ValueError(
